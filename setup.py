@@ -1,0 +1,59 @@
+"""Builds the compiled SparseK kernels (sparsek_hf._C) with torch's cpp_extension.
+
+Install with ``pip install --no-build-isolation -e .`` so the build sees the torch you run with
+(as flash-attn does). The CPU kernels are always built; the CUDA kernels (sm_90a) are added when
+torch was built with CUDA and nvcc is found, unless SPARSEK_BUILD_CUDA=0. SPARSEK_BUILD_CUDA=1
+makes a missing CUDA toolchain an error instead of a CPU-only build.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - build-time message
+    raise SystemExit(
+        "sparsek-hf builds its kernels against the installed torch: install torch first, then "
+        "`pip install --no-build-isolation -e .`"
+    ) from exc
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("SPARSEK_BUILD_CUDA")
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag == "0":
+        return False
+    if flag == "1" and not available:
+        raise SystemExit("SPARSEK_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found")
+    return available
+
+
+cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+cxx_flags = ["-O3", "-std=c++17"]
+if _want_cuda():
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    nvcc_flags = [
+        "-O3",
+        "-std=c++17",
+        "-gencode=arch=compute_90a,code=sm_90a",
+        "--use_fast_math",
+        "--expt-relaxed-constexpr",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-lineinfo",
+    ]
+    ext = CUDAExtension(
+        "sparsek_hf._C",
+        cpu_sources + cuda_sources,
+        define_macros=[("SPARSEK_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags + ["-DSPARSEK_WITH_CUDA=1"], "nvcc": nvcc_flags},
+    )
+else:
+    ext = CppExtension("sparsek_hf._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
