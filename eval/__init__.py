@@ -1,0 +1,1 @@
+"""Evaluation scripts: perplexity parity, scorer calibration, kernel benchmarks."""
