@@ -179,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
           // without its gate factor, so it stays finite however small the gate.
           const auto cols = [&](const at::Tensor& x) { return x.narrow(-1, bk.selected_begin, bk.selected_count); };
           at::Tensor raw = cols(bs.s) - cols(bk.bias.unsqueeze(0));
-          at::Tensor dg = ((raw - row_lse).exp_() * cols(dp_minus_delta)).sum({0, 1});
+          at::Tensor dg = ((raw - row_lse).exp_() * cols(dp_minus_delta)).sum(at::IntArrayRef{0, 1});
           dgate[b][h][t].narrow(0, 0, bk.selected_count).copy_(dg);
         }
       }

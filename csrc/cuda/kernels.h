@@ -1,0 +1,110 @@
+// Host-side entry points of the SparseK CUDA kernels: plain structs and raw pointers, no torch,
+// so the .cu files build alone with nvcc. ops.cpp is the ATen wrapper around them.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace sparsek_cuda {
+
+enum class DType { kHalf, kBFloat16 };
+
+// One (batch, kv head) "row" of the selection; everything per row is laid out [rows, ...].
+struct SelectParams {
+  const float* scores;    // [rows, N]
+  const bool* key_valid;  // [B, N] or null
+  int rows, kv_heads, num_keys;
+  int budget, window, sinks, block_q;
+  int first_block, num_blocks, width;
+  int last_candidate;  // highest position that is a candidate of some block of the call
+  int tile;            // ranks per tile of the rank tables (power of two)
+  int num_tiles;       // ceil(num_keys / tile)
+  bool soft;
+};
+
+// Scratch of the selection (allocated by the caller; sizes in the comments).
+struct SelectScratch {
+  int64_t* sort_keys;     // [rows, N]: (score, position) key, descending sort gives the rank order
+  int32_t* sorted_pos;    // [rows, N] position of rank r (-1 past the eligible keys)
+  float* sorted_u;        // [rows, N] score of rank r
+  int32_t* sorted_blk;    // [rows, N] first local block where rank r is a candidate (T = never)
+  int64_t* tile_keys;     // [rows, N] (tile, blk, rank) keys, ascending sort groups a tile by blk
+  int32_t* by_blk;        // [rows, N] ranks, each tile's ranks ordered by blk
+  int32_t* num_eligible;  // [rows]
+  int32_t* cnt;           // [rows, T, tiles+1]: candidates of block t among ranks < X*tile
+  double* sum;            // [rows, T, tiles+1]: sum of their (score - shift)
+  double* raw_tau;        // [rows, T] before the running max
+};
+
+// Step 1: sort keys. Step 2 (after the caller sorts sort_keys descending along the last dim):
+// decode into the rank-order arrays and the tile keys.
+void select_prepare(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
+void select_decode(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
+// Step 3 (after sorting tile_keys ascending): by_blk.
+void select_by_blk(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
+// Step 3b: per-tile columns of cnt/sum (the caller then takes the cumulative sum over tiles).
+void select_tables(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
+// Step 4: per block, top-K set (unsorted, padded with num_keys), count, raw tau and |F| at it.
+void select_blocks(const SelectParams& p, const SelectScratch& s, int32_t* idx, int32_t* count, int32_t* nfrac,
+                   cudaStream_t stream);
+// Step 5 (after the caller's running max of tau): |F| where the max moved tau; each Sel sorted by
+// position with its gates (false when the lists are too long: the caller sorts, then finalizes).
+void select_fix_nfrac(const SelectParams& p, const SelectScratch& s, const double* tau, int32_t* nfrac,
+                      cudaStream_t stream);
+bool select_sort_gates(const SelectParams& p, const double* tau, int32_t* idx, float* gate, const int32_t* count,
+                       cudaStream_t stream);
+// Fallback of step 5 (after an ascending sort of idx): gates, -1 padding, nfrac.
+void select_finalize(const SelectParams& p, const SelectScratch& s, const double* tau, int32_t* idx,
+                     float* gate, const int32_t* count, int32_t* nfrac, cudaStream_t stream);
+
+struct AttnParams {
+  const void* q;  // [B, Hq, Nq, D] with strides q_stride (last dim contiguous)
+  const void* k;  // [B, Hkv, Nk, D]
+  const void* v;
+  int64_t q_stride[3], k_stride[3], v_stride[3];
+  const int32_t* sel_idx;    // [B, Hkv, T, width]
+  const float* sel_gate;
+  const int32_t* sel_count;  // [B, Hkv, T]
+  const bool* key_valid;     // [B, Nk] or null
+  int batch, q_heads, kv_heads, group, num_queries, num_keys, head_dim;
+  int block_q, first_block, num_blocks, width, window, sinks;
+  float scale;
+  int row_chunks;  // ceil(group * rows of a block / rows per CTA)
+};
+
+struct FwdOut {
+  void* out;        // [B, Hq, Nq, D] contiguous, q's dtype
+  float* lse;       // [B, Hq, Nq]
+  int num_splits;   // > 1: partial results into o_part / lse_part, merged by attention_fwd
+  float* o_part;    // [splits, B, Hq, Nq, D]
+  float* lse_part;  // [splits, B, Hq, Nq]
+};
+
+int fwd_rows_per_cta();
+void attention_fwd(const AttnParams& p, const FwdOut& o, DType dtype, cudaStream_t stream);
+
+struct BwdParams {
+  const void* dout;  // [B, Hq, Nq, D] contiguous
+  const float* lse;  // [B, Hq, Nq]
+  const float* delta;  // [B, Hq, Nq]: rowsum(dout * out)
+  void* dq;          // [B, Hq, Nq, D] contiguous, q's dtype
+  float* dk_acc;     // [B, Hkv, Nk, D] fp32, zeroed
+  float* dv_acc;
+  float* dgate;      // [B, Hkv, T, width] fp32 zeroed, or null
+};
+
+int bwd_rows_per_cta();
+void attention_bwd(const AttnParams& p, const BwdParams& g, DType dtype, cudaStream_t stream);
+
+// d scores (DESIGN.md "Score gradient"): per block sums, then per key.
+// delta[row] = sum_d dout[row, d] * out[row, d] (fp32), rows of contiguous [.., D] tensors.
+void row_dot(const void* dout, const void* out, float* delta, int64_t rows, int head_dim, DType dtype,
+             cudaStream_t stream);
+
+void scores_grad_blocks(const SelectParams& p, const int32_t* idx, const float* dgate, const int32_t* count,
+                        const double* tau, const int32_t* nfrac, double* du, double* block_term,
+                        cudaStream_t stream);
+void scores_grad_keys(const SelectParams& p, const double* tau, const double* prefix, double* du, float* dscores,
+                      cudaStream_t stream);
+
+}  // namespace sparsek_cuda

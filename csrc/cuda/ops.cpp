@@ -1,0 +1,345 @@
+// CUDA implementations of sparsek::select / fwd / bwd: argument checks, allocation, the ATen
+// steps between kernels (sorts, prefix sums, running max) and the launches. Same schemas, output
+// layouts and semantics as the CPU backend (DESIGN.md), so the fake kernels and autograd in
+// sparsek_hf/_ops.py serve both.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <string>
+
+#include "../sparsek.h"
+#include "kernels.h"
+
+namespace sparsek {
+namespace {
+
+using sparsek_cuda::AttnParams;
+using sparsek_cuda::BwdParams;
+using sparsek_cuda::DType;
+using sparsek_cuda::FwdOut;
+using sparsek_cuda::SelectParams;
+using sparsek_cuda::SelectScratch;
+
+using SelectionTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using FwdTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BwdTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+constexpr int64_t kMaxTableCells = int64_t(1) << 25;  // cnt + sum tables: 12 bytes a cell
+
+void check_sizes(int64_t num_keys, int64_t num_blocks) {
+  TORCH_CHECK_VALUE(num_keys < (int64_t(1) << 31) - 1, "the CUDA kernel takes fewer than 2^31 keys, got ", num_keys);
+  TORCH_CHECK_VALUE(num_blocks < (int64_t(1) << 24), "the CUDA kernel takes fewer than 2^24 query blocks, got ",
+                    num_blocks);
+}
+
+SelectParams select_params(const at::Tensor& scores, const c10::optional<at::Tensor>& key_valid, const Geometry& geo,
+                           int64_t budget, int64_t window, int64_t sinks, bool soft) {
+  SelectParams p{};
+  p.scores = scores.data_ptr<float>();
+  p.key_valid = key_valid.has_value() ? key_valid->data_ptr<bool>() : nullptr;
+  p.rows = static_cast<int>(scores.size(0) * scores.size(1));
+  p.kv_heads = static_cast<int>(scores.size(1));
+  p.num_keys = static_cast<int>(scores.size(2));
+  p.budget = static_cast<int>(std::min<int64_t>(budget, std::numeric_limits<int>::max()));
+  p.window = static_cast<int>(std::min<int64_t>(window, std::numeric_limits<int>::max() / 2));
+  p.sinks = static_cast<int>(std::min<int64_t>(sinks, std::numeric_limits<int>::max()));
+  p.block_q = static_cast<int>(geo.block_q);
+  p.first_block = static_cast<int>(geo.first_block);
+  p.num_blocks = static_cast<int>(geo.num_blocks);
+  p.width = static_cast<int>(geo.width);
+  p.last_candidate = geo.num_blocks > 0
+                         ? static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(geo.num_keys - 1, geo.block_start(geo.num_blocks - 1) - window)))
+                         : -1;
+  // Ranks per tile: the smallest power of two >= 256 that keeps the tables bounded (at most 2^14,
+  // the shared memory of one tile's column in tables_kernel; past that the tables grow).
+  int64_t tile = 256;
+  const int64_t rows = std::max<int64_t>(1, p.rows);
+  while (tile < (int64_t(1) << 14) && rows * geo.num_blocks * ((p.num_keys + tile - 1) / tile + 1) > kMaxTableCells)
+    tile *= 2;
+  p.tile = static_cast<int>(tile);
+  p.num_tiles = static_cast<int>((p.num_keys + tile - 1) / tile);
+  p.soft = soft;
+  return p;
+}
+
+at::Tensor contiguous_valid(const c10::optional<at::Tensor>& key_valid) {
+  return key_valid.has_value() ? key_valid->contiguous() : at::Tensor();
+}
+
+Selection select_cuda(const at::Tensor& scores_in, const c10::optional<at::Tensor>& key_valid_in, const Geometry& geo,
+                      int64_t budget, int64_t window, int64_t sinks, bool soft) {
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor valid_t = contiguous_valid(key_valid_in);
+  const c10::optional<at::Tensor> key_valid = valid_t.defined() ? c10::optional<at::Tensor>(valid_t) : c10::nullopt;
+  const int64_t batch = scores.size(0), heads = scores.size(1), num_keys = scores.size(2);
+  const int64_t blocks = geo.num_blocks, width = geo.width;
+  check_sizes(num_keys, blocks);
+  auto opts = scores.options();
+  Selection sel{
+      at::empty({batch, heads, blocks, width}, opts.dtype(at::kInt)),
+      at::empty({batch, heads, blocks, width}, opts.dtype(at::kFloat)),
+      at::zeros({batch, heads, blocks}, opts.dtype(at::kInt)),
+      at::full({batch, heads, blocks}, -std::numeric_limits<double>::infinity(), opts.dtype(at::kDouble)),
+      at::zeros({batch, heads, blocks}, opts.dtype(at::kInt)),
+  };
+  if (blocks == 0 || batch * heads == 0) return sel;
+  if (num_keys == 0) {
+    sel.idx.fill_(-1);
+    sel.gate.zero_();
+    return sel;
+  }
+  const SelectParams p = select_params(scores, key_valid, geo, budget, window, sinks, soft);
+  const int64_t rows = batch * heads;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+  at::Tensor keys = at::empty({rows, num_keys}, opts.dtype(at::kLong));
+  SelectScratch s{};
+  s.sort_keys = keys.data_ptr<int64_t>();
+  sparsek_cuda::select_prepare(p, s, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor sorted = std::get<0>(keys.sort(-1, /*descending=*/true)).contiguous();
+  at::Tensor sorted_pos = at::empty({rows, num_keys}, opts.dtype(at::kInt));
+  at::Tensor sorted_u = at::empty({rows, num_keys}, opts.dtype(at::kFloat));
+  at::Tensor sorted_blk = at::empty({rows, num_keys}, opts.dtype(at::kInt));
+  at::Tensor tile_keys = at::empty({rows, num_keys}, opts.dtype(at::kLong));
+  at::Tensor num_eligible = at::zeros({rows}, opts.dtype(at::kInt));
+  at::Tensor cnt = at::empty({rows, blocks, p.num_tiles + 1}, opts.dtype(at::kInt));
+  at::Tensor sum = at::empty({rows, blocks, p.num_tiles + 1}, opts.dtype(at::kDouble));
+  s.sort_keys = sorted.data_ptr<int64_t>();
+  s.sorted_pos = sorted_pos.data_ptr<int32_t>();
+  s.sorted_u = sorted_u.data_ptr<float>();
+  s.sorted_blk = sorted_blk.data_ptr<int32_t>();
+  s.tile_keys = tile_keys.data_ptr<int64_t>();
+  s.num_eligible = num_eligible.data_ptr<int32_t>();
+  s.cnt = cnt.data_ptr<int32_t>();
+  s.sum = sum.data_ptr<double>();
+  sparsek_cuda::select_decode(p, s, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const at::Tensor tiles_sorted = std::get<0>(tile_keys.sort(-1, /*descending=*/false)).contiguous();
+  at::Tensor by_blk = at::empty({rows, num_keys}, opts.dtype(at::kInt));
+  s.tile_keys = tiles_sorted.data_ptr<int64_t>();
+  s.by_blk = by_blk.data_ptr<int32_t>();
+  sparsek_cuda::select_by_blk(p, s, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sparsek_cuda::select_tables(p, s, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cnt = cnt.cumsum(2, at::kInt).contiguous();  // over tiles: candidates among ranks < X * tile
+  sum = sum.cumsum(2).contiguous();
+  at::Tensor raw_tau = at::empty({rows, blocks}, opts.dtype(at::kDouble));
+  s.cnt = cnt.data_ptr<int32_t>();
+  s.sum = sum.data_ptr<double>();
+  s.raw_tau = raw_tau.data_ptr<double>();
+  sparsek_cuda::select_blocks(p, s, sel.idx.data_ptr<int32_t>(), sel.count.data_ptr<int32_t>(),
+                              sel.nfrac.data_ptr<int32_t>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // tau only rises over blocks (DESIGN.md); the running max absorbs rounding, as on the CPU.
+  sel.tau = std::get<0>(raw_tau.cummax(1)).reshape({batch, heads, blocks}).contiguous();
+  if (sparsek_cuda::select_sort_gates(p, sel.tau.data_ptr<double>(), sel.idx.data_ptr<int32_t>(),
+                                      sel.gate.data_ptr<float>(), sel.count.data_ptr<int32_t>(), stream)) {
+    sparsek_cuda::select_fix_nfrac(p, s, sel.tau.data_ptr<double>(), sel.nfrac.data_ptr<int32_t>(), stream);
+  } else {
+    sel.idx = std::get<0>(sel.idx.sort(-1)).contiguous();
+    sparsek_cuda::select_finalize(p, s, sel.tau.data_ptr<double>(), sel.idx.data_ptr<int32_t>(),
+                                  sel.gate.data_ptr<float>(), sel.count.data_ptr<int32_t>(),
+                                  sel.nfrac.data_ptr<int32_t>(), stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return sel;
+}
+
+// cp.async moves 16-byte pieces: rows must start on 16 bytes.
+at::Tensor aligned(const at::Tensor& t) {
+  const bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
+                  t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 && t.stride(3) == 1;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+void check_cuda_inputs(const at::Tensor& q) {
+  // std::to_string, not a streamed integer: on the device image, streaming an integer into a
+  // TORCH_CHECK message crashed inside the extension's ostream code (see csrc/cuda/NOTES.md).
+  TORCH_CHECK_VALUE(q.size(3) == 64 || q.size(3) == 128,
+                    "the CUDA kernel takes head dim 64 or 128, got " + std::to_string(q.size(3)) +
+                        " (sparsek_attention falls back to the reference for other head dims)");
+}
+
+AttnParams attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const c10::optional<at::Tensor>& key_valid, const Selection& sel, const Geometry& geo,
+                       int64_t window, int64_t sinks, double scale, int rows_per_cta) {
+  AttnParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.q_stride[d] = q.stride(d);
+    p.k_stride[d] = k.stride(d);
+    p.v_stride[d] = v.stride(d);
+  }
+  p.sel_idx = sel.idx.data_ptr<int32_t>();
+  p.sel_gate = sel.gate.data_ptr<float>();
+  p.sel_count = sel.count.data_ptr<int32_t>();
+  p.key_valid = key_valid.has_value() ? key_valid->data_ptr<bool>() : nullptr;
+  p.batch = static_cast<int>(q.size(0));
+  p.q_heads = static_cast<int>(q.size(1));
+  p.kv_heads = static_cast<int>(k.size(1));
+  p.group = p.q_heads / p.kv_heads;
+  p.num_queries = static_cast<int>(q.size(2));
+  p.num_keys = static_cast<int>(k.size(2));
+  p.head_dim = static_cast<int>(q.size(3));
+  p.block_q = static_cast<int>(geo.block_q);
+  p.first_block = static_cast<int>(geo.first_block);
+  p.num_blocks = static_cast<int>(geo.num_blocks);
+  p.width = static_cast<int>(geo.width);
+  p.window = static_cast<int>(std::min<int64_t>(window, std::numeric_limits<int>::max() / 2));
+  p.sinks = static_cast<int>(std::min<int64_t>(sinks, std::numeric_limits<int>::max()));
+  p.scale = static_cast<float>(scale);
+  const int64_t max_rows = p.group * std::min<int64_t>(geo.block_q, geo.num_queries);
+  p.row_chunks = static_cast<int>((max_rows + rows_per_cta - 1) / rows_per_cta);
+  return p;
+}
+
+DType dtype_of(const at::Tensor& q) { return q.scalar_type() == at::kBFloat16 ? DType::kBFloat16 : DType::kHalf; }
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& v_in,
+                                                      const c10::optional<at::Tensor>& key_valid,
+                                                      const Selection& sel, const Geometry& geo, int64_t window,
+                                                      int64_t sinks, double scale) {
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) {
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  AttnParams p = attn_params(q, k, v, key_valid, sel, geo, window, sinks, scale, sparsek_cuda::fwd_rows_per_cta());
+  // Decode and short chunks give few CTAs: split each block's key list across CTAs (merged by lse).
+  const int64_t ctas = int64_t(p.batch) * p.kv_heads * p.num_blocks * p.row_chunks;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+  const int64_t most_tiles = (std::min<int64_t>(sinks, geo.num_keys) + geo.width + window + geo.block_q + 63) / 64;
+  int64_t splits = 1;
+  if (ctas < sms && most_tiles >= 2) splits = std::min<int64_t>({most_tiles, (2 * sms + ctas - 1) / ctas, 64});
+  FwdOut o{};
+  o.out = out.data_ptr();
+  o.lse = lse.data_ptr<float>();
+  o.num_splits = static_cast<int>(splits);
+  at::Tensor o_part, lse_part;
+  if (splits > 1) {
+    o_part = at::empty({splits, q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
+    lse_part = at::empty({splits, q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+    o.o_part = o_part.data_ptr<float>();
+    o.lse_part = lse_part.data_ptr<float>();
+  }
+  sparsek_cuda::attention_fwd(p, o, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+SelectionTuple select_cuda_op(const at::Tensor& scores, const c10::optional<at::Tensor>& key_valid,
+                              int64_t num_queries, int64_t budget, int64_t window, int64_t sinks, int64_t block_q,
+                              bool soft) {
+  check_selection_args(scores, key_valid, num_queries, budget, window, sinks, block_q);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const Geometry geo = make_geometry(num_queries, scores.size(2), budget, window, sinks, block_q);
+  Selection s = select_cuda(scores, key_valid, geo, budget, window, sinks, soft);
+  return {s.idx, s.gate, s.count, s.tau, s.nfrac};
+}
+
+FwdTuple fwd_cuda_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& scores,
+                     const c10::optional<at::Tensor>& key_valid, int64_t budget, int64_t window, int64_t sinks,
+                     int64_t block_q, double scale, bool soft) {
+  check_attention_args(q, k, v, scores, key_valid, budget, window, sinks, block_q);
+  check_cuda_inputs(q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Geometry geo = make_geometry(q.size(2), k.size(2), budget, window, sinks, block_q);
+  const at::Tensor valid_t = contiguous_valid(key_valid);
+  const c10::optional<at::Tensor> valid = valid_t.defined() ? c10::optional<at::Tensor>(valid_t) : c10::nullopt;
+  Selection s = select_cuda(scores, valid, geo, budget, window, sinks, soft);
+  auto [out, lse] = attention_fwd_cuda(q, k, v, valid, s, geo, window, sinks, scale);
+  return {out, lse, s.idx, s.gate, s.count, s.tau, s.nfrac};
+}
+
+BwdTuple bwd_cuda_op(const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                     const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& scores_in,
+                     const c10::optional<at::Tensor>& key_valid, const at::Tensor& sel_idx,
+                     const at::Tensor& sel_gate, const at::Tensor& sel_count, const at::Tensor& tau,
+                     const at::Tensor& nfrac, int64_t window, int64_t sinks, int64_t block_q, double scale, bool soft,
+                     bool scores_grad) {
+  TORCH_CHECK_VALUE(dout_in.sizes() == q_in.sizes(), "dout must have the shape of q ", q_in.sizes(), ", got ",
+                    dout_in.sizes());
+  check_cuda_inputs(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const Geometry geo = make_geometry(q_in.size(2), k_in.size(2), sel_idx.size(3), window, sinks, block_q);
+  TORCH_CHECK_VALUE(geo.width == sel_idx.size(3) && geo.num_blocks == sel_idx.size(2),
+                    "the selection does not belong to these inputs");
+  const Selection s{sel_idx.contiguous(), sel_gate.contiguous(), sel_count.contiguous(), tau.contiguous(),
+                    nfrac.contiguous()};
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  const at::Tensor dout = dout_in.to(q.scalar_type()).contiguous();
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor valid_t = contiguous_valid(key_valid);
+  const c10::optional<at::Tensor> valid = valid_t.defined() ? c10::optional<at::Tensor>(valid_t) : c10::nullopt;
+  const bool want_dgate = scores_grad && soft && geo.width > 0;
+
+  at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dk_acc = at::zeros(k.sizes(), k.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dv_acc = at::zeros_like(dk_acc);
+  at::Tensor dgate = want_dgate ? at::zeros(s.gate.sizes(), s.gate.options()) : at::Tensor();
+  at::Tensor dscores = at::zeros(scores.sizes(), scores.options());
+  if (q.numel() == 0 || geo.num_blocks == 0) {
+    dq.zero_();
+    return {dq, dk_acc.to(k.scalar_type()), dv_acc.to(v.scalar_type()), dscores};
+  }
+  const at::Tensor out_c = out.to(q.scalar_type()).contiguous();
+  at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  sparsek_cuda::row_dot(dout.data_ptr(), out_c.data_ptr(), delta.data_ptr<float>(), delta.numel(), q.size(3),
+                        dtype_of(q), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor lse_c = lse.contiguous();
+  AttnParams p = attn_params(q, k, v, valid, s, geo, window, sinks, scale, sparsek_cuda::bwd_rows_per_cta());
+  BwdParams g{};
+  g.dout = dout.data_ptr();
+  g.lse = lse_c.data_ptr<float>();
+  g.delta = delta.data_ptr<float>();
+  g.dq = dq.data_ptr();
+  g.dk_acc = dk_acc.data_ptr<float>();
+  g.dv_acc = dv_acc.data_ptr<float>();
+  g.dgate = want_dgate ? dgate.data_ptr<float>() : nullptr;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  sparsek_cuda::attention_bwd(p, g, dtype_of(q), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (want_dgate) {
+    const SelectParams sp = select_params(scores, valid, geo, sel_idx.size(3), window, sinks, soft);
+    const int64_t rows = scores.size(0) * scores.size(1);
+    at::Tensor du = at::zeros({rows, scores.size(2)}, scores.options().dtype(at::kDouble));
+    at::Tensor block_term = at::empty({rows, geo.num_blocks}, scores.options().dtype(at::kDouble));
+    sparsek_cuda::scores_grad_blocks(sp, s.idx.data_ptr<int32_t>(), dgate.data_ptr<float>(),
+                                     s.count.data_ptr<int32_t>(), s.tau.data_ptr<double>(),
+                                     s.nfrac.data_ptr<int32_t>(), du.data_ptr<double>(),
+                                     block_term.data_ptr<double>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor prefix = at::cat({at::zeros({rows, 1}, block_term.options()), block_term.cumsum(1)}, 1).contiguous();
+    sparsek_cuda::scores_grad_keys(sp, s.tau.data_ptr<double>(), prefix.data_ptr<double>(), du.data_ptr<double>(),
+                                   dscores.data_ptr<float>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {dq, dk_acc.to(k.scalar_type()), dv_acc.to(v.scalar_type()), dscores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsek, CUDA, m) {
+  m.impl("select", &select_cuda_op);
+  m.impl("fwd", &fwd_cuda_op);
+  m.impl("bwd", &bwd_cuda_op);
+}
+
+}  // namespace sparsek

@@ -1,0 +1,68 @@
+#!/bin/bash
+# One device call: build, smoke, GPU tests, sanitizers, benchmark, ncu. STAGES picks the parts
+# (default all): build smoke tests sanitize bench ncu. Logs and JSON under $OUT.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PY=${PY:-/opt/torch/.venv/bin/python3}
+STAGES=${STAGES:-"build smoke tests sanitize bench ncu"}
+export PYTHONUNBUFFERED=1 MAX_JOBS=16
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
+if has build; then
+  t0=$(date +%s)
+  # The image's default g++ (/opt/gcc) builds an extension whose C++ exceptions crash the process
+  # (seen 2026-11-24); the system compiler, where there is one, is tried first.
+  if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
+  echo "compiler: ${CXX:-default} $(${CXX:-g++} --version | head -1)"
+  if ! SPARSEK_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    echo "build with ${CXX:-default} failed; default compiler"; unset CXX CC; rm -rf build
+    SPARSEK_BUILD_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+  fi
+  echo "build: $(( $(date +%s) - t0 )) s"; grep -E "spill|registers" "$OUT/build.log" | head -5
+fi
+$PY -c "import sparsek_hf; print('backends', sparsek_hf.compiled_backends())" || exit 1
+if has smoke; then
+  timeout 120 $PY eval/sanitize_cuda.py 2>&1 | tail -20
+fi
+if has debug; then
+  cat > /tmp/dbg.py <<'PYEOF'
+import torch, sparsek_hf
+q = torch.randn(1, 2, 64, 96, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(1, 1, 64, 96, device="cuda", dtype=torch.bfloat16)
+u = torch.randn(1, 1, 64, device="cuda")
+for name, fn in [("cpu op bad block_q", lambda: torch.ops.sparsek.fwd(q.cpu().float(), k.cpu().float(), k.cpu().float(), u.cpu(), None, 8, 8, 0, 0, 0.1, True)),
+                 ("cuda op float32", lambda: torch.ops.sparsek.fwd(q.float(), k.float(), k.float(), u, None, 8, 8, 0, 16, 0.1, True)),
+                 ("cuda op D=96", lambda: torch.ops.sparsek.fwd(q, k, k, u, None, 8, 8, 0, 16, 0.1, True))]:
+    try:
+        fn(); print(name, "no error")
+    except Exception as e:
+        print(name, type(e).__name__, str(e)[:100], flush=True)
+PYEOF
+  { timeout 60 $PY /tmp/dbg.py 2>&1 | tail -5
+    timeout 150 cuda-gdb -q -batch -ex run -ex "bt 12" --args $PY /tmp/dbg.py 2>&1 | grep -E "^#|signal|SIG" | cut -c1-200 | head -20
+    timeout 120 $PY -m pytest -q -x tests/test_errors.py 2>&1 | tail -5; } > "$OUT/debug.txt" 2>&1
+  tail -8 "$OUT/debug.txt"
+fi
+if has tests; then
+  timeout 420 $PY -m pytest -q -x --timeout 300 tests/test_cuda.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
+fi
+if has profile; then
+  timeout 120 $PY -m eval.profile_cuda 2>&1 | grep -vE "^-+$" | cut -c1-150 | tee "$OUT/profile.txt" | head -60
+fi
+if has bench; then
+  timeout 540 $PY -m eval.bench_cuda --json "$OUT/bench_cuda.json" ${BENCH_ARGS:-} 2>&1 | tail -40
+fi
+if has ncu; then
+  timeout 240 ncu --clock-control none -k regex:fwd_kernel -s 1 -c 1 --section SpeedOfLight --section Occupancy \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats \
+    --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_hmma.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
+    $PY -m eval.bench_cuda --ncu-fwd ${NCU_N:-131072} >"$OUT/ncu_fwd.txt" 2>&1
+  echo "ncu rc=$?"; grep -E "Duration|Tensor|hmma|DRAM Throughput|dram__|Achieved Occupancy|warps_active|Registers|Compute \(SM\)|Memory Throughput|bank" "$OUT/ncu_fwd.txt" | head -30
+fi
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    timeout 300 compute-sanitizer --tool $tool --print-limit 20 $PY eval/sanitize_cuda.py >"$OUT/sanitizer_$tool.txt" 2>&1
+    echo "$tool rc=$?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitize run done' "$OUT/sanitizer_$tool.txt" | tr '\n' ' ')"
+  done
+fi
