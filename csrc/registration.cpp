@@ -42,9 +42,9 @@ BwdTuple bwd_cpu_op(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     const at::Tensor& sel_gate, const at::Tensor& sel_count, const at::Tensor& tau,
                     const at::Tensor& nfrac, int64_t window, int64_t sinks, int64_t block_q, double scale,
                     bool soft, bool scores_grad) {
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
+  SPARSEK_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
   const Geometry geo = make_geometry(q.size(2), k.size(2), sel_idx.size(3), window, sinks, block_q);
-  TORCH_CHECK_VALUE(geo.width == sel_idx.size(3) && geo.num_blocks == sel_idx.size(2),
+  SPARSEK_CHECK_VALUE(geo.width == sel_idx.size(3) && geo.num_blocks == sel_idx.size(2),
                     "the selection does not belong to these inputs");
   const Selection s{sel_idx.contiguous(), sel_gate.contiguous(), sel_count.contiguous(), tau.contiguous(),
                     nfrac.contiguous()};

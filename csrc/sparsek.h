@@ -12,7 +12,9 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace sparsek {
 
@@ -40,6 +42,35 @@ struct Selection {
   at::Tensor tau;    // float64, -inf where |C(p0)| <= K (+inf for K = 0); non-decreasing in t
   at::Tensor nfrac;  // int32, |F|: candidates with 0 < u - tau < 1
 };
+
+// Error messages are assembled from std::string pieces and handed to TORCH_CHECK_* as one string.
+// Streaming integers or sizes into TORCH_CHECK's std::ostream crashed inside the extension on the
+// GPU machine's image (csrc/cuda/NOTES.md); formatting them ourselves keeps every error an error.
+namespace detail {
+inline std::string piece(const char* s) { return s; }
+inline std::string piece(const std::string& s) { return s; }
+template <class T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+std::string piece(T x) {
+  return std::to_string(x);
+}
+inline std::string piece(double x) { return std::to_string(x); }
+inline std::string piece(c10::ScalarType t) { return c10::toString(t); }
+inline std::string piece(const c10::Device& d) { return d.str(); }
+inline std::string piece(c10::IntArrayRef values) {
+  std::string out = "[";
+  for (size_t i = 0; i < values.size(); ++i) out += (i ? ", " : "") + std::to_string(values[i]);
+  return out + "]";
+}
+template <class... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  ((out += piece(args)), ...);
+  return out;
+}
+}  // namespace detail
+
+#define SPARSEK_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::sparsek::detail::message(__VA_ARGS__))
+#define SPARSEK_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::sparsek::detail::message(__VA_ARGS__))
 
 // A candidate of the fractional set F at threshold tau (0 < u - tau < 1). Selection, gates and the
 // backward all use this one test so they agree to the last bit.

@@ -32,8 +32,8 @@ using BwdTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 constexpr int64_t kMaxTableCells = int64_t(1) << 25;  // cnt + sum tables: 12 bytes a cell
 
 void check_sizes(int64_t num_keys, int64_t num_blocks) {
-  TORCH_CHECK_VALUE(num_keys < (int64_t(1) << 31) - 1, "the CUDA kernel takes fewer than 2^31 keys, got ", num_keys);
-  TORCH_CHECK_VALUE(num_blocks < (int64_t(1) << 24), "the CUDA kernel takes fewer than 2^24 query blocks, got ",
+  SPARSEK_CHECK_VALUE(num_keys < (int64_t(1) << 31) - 1, "the CUDA kernel takes fewer than 2^31 keys, got ", num_keys);
+  SPARSEK_CHECK_VALUE(num_blocks < (int64_t(1) << 24), "the CUDA kernel takes fewer than 2^24 query blocks, got ",
                     num_blocks);
 }
 
@@ -162,11 +162,8 @@ at::Tensor aligned(const at::Tensor& t) {
 }
 
 void check_cuda_inputs(const at::Tensor& q) {
-  // std::to_string, not a streamed integer: on the device image, streaming an integer into a
-  // TORCH_CHECK message crashed inside the extension's ostream code (see csrc/cuda/NOTES.md).
-  TORCH_CHECK_VALUE(q.size(3) == 64 || q.size(3) == 128,
-                    "the CUDA kernel takes head dim 64 or 128, got " + std::to_string(q.size(3)) +
-                        " (sparsek_attention falls back to the reference for other head dims)");
+  SPARSEK_CHECK_VALUE(q.size(3) == 64 || q.size(3) == 128, "the CUDA kernel takes head dim 64 or 128, got ", q.size(3),
+                      " (sparsek_attention falls back to the reference for other head dims)");
 }
 
 AttnParams attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -272,12 +269,12 @@ BwdTuple bwd_cuda_op(const at::Tensor& dout_in, const at::Tensor& q_in, const at
                      const at::Tensor& sel_gate, const at::Tensor& sel_count, const at::Tensor& tau,
                      const at::Tensor& nfrac, int64_t window, int64_t sinks, int64_t block_q, double scale, bool soft,
                      bool scores_grad) {
-  TORCH_CHECK_VALUE(dout_in.sizes() == q_in.sizes(), "dout must have the shape of q ", q_in.sizes(), ", got ",
+  SPARSEK_CHECK_VALUE(dout_in.sizes() == q_in.sizes(), "dout must have the shape of q ", q_in.sizes(), ", got ",
                     dout_in.sizes());
   check_cuda_inputs(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Geometry geo = make_geometry(q_in.size(2), k_in.size(2), sel_idx.size(3), window, sinks, block_q);
-  TORCH_CHECK_VALUE(geo.width == sel_idx.size(3) && geo.num_blocks == sel_idx.size(2),
+  SPARSEK_CHECK_VALUE(geo.width == sel_idx.size(3) && geo.num_blocks == sel_idx.size(2),
                     "the selection does not belong to these inputs");
   const Selection s{sel_idx.contiguous(), sel_gate.contiguous(), sel_count.contiguous(), tau.contiguous(),
                     nfrac.contiguous()};
