@@ -80,15 +80,9 @@ class RowSelector {
 
   // sum over inserted keys of clip(u - tau, 0, 1), and |F| at tau.
   double mass(double tau, int64_t* nfrac = nullptr) const {
-    const int64_t ones_end = partition([tau](double x) { return x - tau >= 1.0; });
-    const int64_t above_end = partition([tau](double x) { return x - tau > 0.0; });
-    int64_t c1, cab;
-    double s1, sab;
-    tree_.prefix(ones_end, c1, s1);
-    tree_.prefix(above_end, cab, sab);
-    const int64_t cf = cab - c1;
-    if (nfrac) *nfrac = cf;
-    return static_cast<double>(c1) + (sab - s1) - static_cast<double>(cf) * (tau - shift_);
+    const Piece piece = piece_at(tau);
+    if (nfrac) *nfrac = piece.frac_count;
+    return static_cast<double>(piece.ones) + piece.frac_sum - static_cast<double>(piece.frac_count) * (tau - shift_);
   }
 
   // The tau with mass(tau) = budget, given the budget-th largest candidate score kth.
@@ -100,20 +94,31 @@ class RowSelector {
     double lo = kth - 1.0, hi = kth;
     narrow(lo, hi, budget, 0.0);
     narrow(lo, hi, budget, 1.0);
-    const double mid = 0.5 * (lo + hi);
-    const int64_t ones_end = partition([mid](double x) { return x - mid >= 1.0; });
-    const int64_t above_end = partition([mid](double x) { return x - mid > 0.0; });
-    int64_t c1, cab;
-    double s1, sab;
-    tree_.prefix(ones_end, c1, s1);
-    tree_.prefix(above_end, cab, sab);
-    const int64_t cf = cab - c1;
-    if (cf == 0) return lo;  // the mass is flat (= budget) across the bracket: gates are 0 or 1
-    const double tau = shift_ + (static_cast<double>(c1) + (sab - s1) - static_cast<double>(budget)) / cf;
+    const Piece piece = piece_at(0.5 * (lo + hi));
+    if (piece.frac_count == 0) return lo;  // the mass is flat (= budget) across the bracket: gates are 0 or 1
+    const double tau =
+        shift_ + (static_cast<double>(piece.ones) + piece.frac_sum - static_cast<double>(budget)) / piece.frac_count;
     return std::min(std::max(tau, lo), hi);
   }
 
  private:
+  // The linear piece of the mass around tau: inserted keys with u - tau >= 1 (gate 1), and the
+  // count and shifted score sum of those with 0 < u - tau < 1 (the fractional set F).
+  struct Piece {
+    int64_t ones;
+    int64_t frac_count;
+    double frac_sum;
+  };
+  Piece piece_at(double tau) const {
+    const int64_t ones_end = partition([tau](double x) { return x - tau >= 1.0; });
+    const int64_t above_end = partition([tau](double x) { return x - tau > 0.0; });
+    int64_t c1, cab;
+    double s1, sab;
+    tree_.prefix(ones_end, c1, s1);
+    tree_.prefix(above_end, cab, sab);
+    return {c1, cab - c1, sab - s1};
+  }
+
   template <class Pred>
   int64_t partition(Pred pred) const {
     return std::partition_point(sorted_u_.begin(), sorted_u_.end(), pred) - sorted_u_.begin();
