@@ -93,6 +93,9 @@ def time_decode(model, cache, prompt: torch.Tensor, tokens: int, checkpoints: li
             step_seconds.append(time.perf_counter() - start)
             if step in checkpoints:
                 entries[step] = _kv_entries(cache)
+                # printed as it goes, so a run cut short by a time limit still reports what it measured
+                recent = 1e3 * statistics.median(step_seconds[-WINDOW:])
+                print(f"  {step:6d} generated: {recent:7.2f} ms/token, {entries[step]} KV entries/head", flush=True)
     return {"step_seconds": step_seconds, "kv_entries": entries}
 
 

@@ -70,7 +70,7 @@ if has parity; then  # the committed perplexity-parity result (PARITY_ARGS: the 
   timeout ${PARITY_TIMEOUT:-540} $PY -m eval.perplexity --no-progress --json "$OUT/parity.json" --plot "$OUT/parity.png" ${PARITY_ARGS:-} 2>&1 | tee "$OUT/parity.log" | tail -30
 fi
 if has decode; then
-  timeout ${DECODE_TIMEOUT:-300} $PY -m eval.bench_decode --device cuda --json "$OUT/decode_cuda.json" ${DECODE_ARGS:-} 2>&1 | tail -20
+  timeout ${DECODE_TIMEOUT:-300} $PY -m eval.bench_decode --device cuda --json "$OUT/decode_cuda.json" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" | tail -30
 fi
 if has profile; then
   timeout 120 $PY -m eval.profile_cuda 2>&1 | grep -vE "^-+$" | cut -c1-150 | tee "$OUT/profile.txt" | head -60
