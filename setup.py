@@ -31,13 +31,25 @@ def _want_cuda() -> bool:
     return available
 
 
+def _cxx_standard() -> str:
+    """The C++ standard torch's headers need: C++17 up to torch 2.13, C++20 from the releases whose
+    ATen.h says so (torch 2.14 refuses to compile as C++17)."""
+    header = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+    try:
+        with open(header) as f:
+            return "c++20" if "C++20" in f.read() else "c++17"
+    except OSError:
+        return "c++17"
+
+
 cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-std=c++17"]
+std = _cxx_standard()
+cxx_flags = ["-O3", f"-std={std}"]
 if _want_cuda():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     nvcc_flags = [
         "-O3",
-        "-std=c++17",
+        f"-std={std}",
         "-gencode=arch=compute_90a,code=sm_90a",
         "--use_fast_math",
         "--expt-relaxed-constexpr",
