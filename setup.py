@@ -8,8 +8,38 @@ makes a missing CUDA toolchain an error instead of a CPU-only build.
 
 import glob
 import os
+import shutil
 
 from setuptools import setup
+
+
+def _locate_cuda_toolkit() -> None:
+    """Point CUDA_HOME at a toolkit that has the CUDA headers when the environment does not say.
+
+    torch guesses CUDA_HOME as the parent of the directory holding ``nvcc``; an ``nvcc`` wrapper in
+    /usr/local/bin makes that /usr/local, which has no headers. The real nvcc's location, then
+    /usr/local/cuda, are tried instead.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:
+            with open(nvcc, errors="ignore") as f:  # a shell wrapper: `exec /path/to/bin/nvcc "$@"`
+                words = f.read(4096).split()
+            candidates += [os.path.dirname(os.path.dirname(w)) for w in words if w.endswith("/bin/nvcc")]
+        except OSError:
+            pass
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_locate_cuda_toolkit()
 
 try:
     import torch
@@ -23,11 +53,19 @@ except ImportError as exc:  # pragma: no cover - build-time message
 
 def _want_cuda() -> bool:
     flag = os.environ.get("SPARSEK_BUILD_CUDA")
-    available = torch.version.cuda is not None and CUDA_HOME is not None
+    available = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h"))
+    )
     if flag == "0":
         return False
     if flag == "1" and not available:
-        raise SystemExit("SPARSEK_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found")
+        raise SystemExit("SPARSEK_BUILD_CUDA=1 but torch has no CUDA, or no CUDA toolkit (nvcc and its headers) was "
+                         "found: set CUDA_HOME")
+    if torch.version.cuda is not None and not available and flag != "0":
+        print("sparsek-hf: torch has CUDA but no CUDA toolkit with headers was found (set CUDA_HOME); "
+              "building the CPU kernels only")
     return available
 
 
