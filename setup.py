@@ -16,22 +16,14 @@ from setuptools import setup
 def _locate_cuda_toolkit() -> None:
     """Point CUDA_HOME at a toolkit that has the CUDA headers when the environment does not say.
 
-    torch guesses CUDA_HOME as the parent of the directory holding ``nvcc``; an ``nvcc`` wrapper in
-    /usr/local/bin makes that /usr/local, which has no headers. The real nvcc's location, then
-    /usr/local/cuda, are tried instead.
+    torch guesses CUDA_HOME as the parent of the directory holding ``nvcc``; an ``nvcc`` symlink or
+    wrapper script in /usr/local/bin makes that /usr/local, which has no headers. The resolved nvcc's
+    toolkit, then the conventional /usr/local/cuda, are tried instead.
     """
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
-    candidates = []
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-        try:
-            with open(nvcc, errors="ignore") as f:  # a shell wrapper: `exec /path/to/bin/nvcc "$@"`
-                words = f.read(4096).split()
-            candidates += [os.path.dirname(os.path.dirname(w)) for w in words if w.endswith("/bin/nvcc")]
-        except OSError:
-            pass
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
     candidates.append("/usr/local/cuda")
     for home in candidates:
         if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
