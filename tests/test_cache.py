@@ -15,10 +15,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import oracle
+from scorer_helpers import randomise_scorers
 import sparsek_hf
 from sparsek_hf import SparseKCache, SparseKConfig, _decode_ops
 from sparsek_hf.cache import SparseKLayer
-from sparsek_hf.patching import attention_layers
 
 pytestmark = pytest.mark.skipif(not _decode_ops.available(), reason="needs the compiled sparsek operators")
 
@@ -153,21 +153,12 @@ def _tiny_llama(seed=0, layers=2, hidden=32):
     return LlamaForCausalLM(config).eval()
 
 
-def _randomise_scorers(model, std, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in attention_layers(model):
-            scorer = layer.sparsek_scorer
-            scorer.weight.copy_(std * torch.randn(scorer.weight.shape, generator=gen))
-            scorer.bias.copy_(torch.randn(scorer.bias.shape, generator=gen))
-
-
 @pytest.mark.parametrize("budget,window,sinks,block_q,soft", SELECTIONS)
 @pytest.mark.parametrize("padded", [False, True])
 def test_teacher_forced_cached_decoding_equals_full_forward(budget, window, sinks, block_q, soft, padded):
     model = _tiny_llama()
     sparsek_hf.patch(model, SparseKConfig(budget=budget, window=window, sinks=sinks, block_q=block_q, soft=soft))
-    _randomise_scorers(model, std=1.0)
+    randomise_scorers(model, std=1.0)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 64, (2, 90), generator=gen)
     mask = torch.ones_like(ids)
@@ -193,7 +184,7 @@ def test_teacher_forced_cached_decoding_equals_full_forward(budget, window, sink
 def test_generate_turns_dynamic_cache_into_sparsek_layers():
     model = _tiny_llama()
     sparsek_hf.patch(model, SparseKConfig(budget=6, window=5, sinks=2, block_q=4))
-    _randomise_scorers(model, std=1.0)
+    randomise_scorers(model, std=1.0)
     ids = torch.randint(1, 64, (2, 20), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
@@ -209,7 +200,7 @@ def test_generate_turns_dynamic_cache_into_sparsek_layers():
 def test_beam_search_reorders_the_cache():
     model = _tiny_llama(seed=1)
     sparsek_hf.patch(model, SparseKConfig(budget=5, window=4, sinks=1, block_q=4))
-    _randomise_scorers(model, std=1.0)
+    randomise_scorers(model, std=1.0)
     ids = torch.randint(1, 64, (1, 12), generator=torch.Generator().manual_seed(6))
     kwargs = {"max_new_tokens": 30, "do_sample": False, "num_beams": 3, "early_stopping": False}
     cached = model.generate(ids, **_with_cache(model, SparseKCache()), **kwargs)
@@ -224,7 +215,7 @@ def test_cache_stays_bounded_while_generating_4096_tokens():
     bound = sinks + window + block_q + budget
     model = _tiny_llama(layers=1, hidden=16)
     sparsek_hf.patch(model, SparseKConfig(budget=budget, window=window, sinks=sinks, block_q=block_q))
-    _randomise_scorers(model, std=1.0)
+    randomise_scorers(model, std=1.0)
     ids = torch.randint(1, 64, (1, 4096 + 8), generator=torch.Generator().manual_seed(8))
     cache = SparseKCache()
     most_slots = most_records = 0
@@ -358,7 +349,7 @@ def test_teacher_forced_cached_decoding_on_cuda(dtype):
                          num_key_value_heads=2, vocab_size=64)  # head dim 64: the CUDA kernel's
     model = LlamaForCausalLM(config).eval()
     sparsek_hf.patch(model, SparseKConfig(budget=8, window=16, sinks=2, block_q=8))
-    _randomise_scorers(model, std=0.5)
+    randomise_scorers(model, std=0.5)
     model = model.to("cuda", dtype)
     ids = torch.randint(1, 64, (2, 160), generator=torch.Generator().manual_seed(4)).cuda()
     cache = SparseKCache()

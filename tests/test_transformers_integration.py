@@ -29,6 +29,7 @@ from transformers import (
 )
 
 import oracle
+from scorer_helpers import randomise_scorers
 import sparsek_hf
 from sparsek_hf import SparseKConfig, transformers_integration
 from sparsek_hf.patching import attention_layers
@@ -81,16 +82,6 @@ def _batch(seed=0, length=48, pad=6):
     return ids, mask
 
 
-def _randomise_scorers(model, std=1.0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in attention_layers(model):
-            scorer = layer.sparsek_scorer
-            scorer.weight.copy_(std * torch.randn(scorer.weight.shape, generator=gen))
-            scorer.bias.copy_(torch.randn(scorer.bias.shape, generator=gen))
-            scorer.slope.fill_(0.5)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_budget_covering_the_sequence_equals_sdpa(family):
     model = _model(family)
@@ -124,7 +115,7 @@ def recorded_calls(monkeypatch):
 def test_small_budget_layer_equals_oracle(family, soft, recorded_calls):
     settings = SparseKConfig(budget=5, window=6, sinks=2, block_q=4, soft=soft)
     model = sparsek_hf.patch(_model(family), settings)
-    _randomise_scorers(model)
+    randomise_scorers(model, slope=0.5)
     ids, mask = _batch(seed=1)
     with torch.no_grad():
         model(ids, attention_mask=mask, use_cache=False)
@@ -145,7 +136,7 @@ def test_small_budget_layer_equals_oracle(family, soft, recorded_calls):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_with_the_evicting_cache_equals_no_cache(family):
     model = sparsek_hf.patch(_model(family), SparseKConfig(budget=5, window=4, sinks=1, block_q=4))
-    _randomise_scorers(model)
+    randomise_scorers(model, slope=0.5)
     ids, mask = _batch(seed=2, length=20, pad=3)
     kwargs = {"attention_mask": mask, "max_new_tokens": 36, "do_sample": False}
     out = model.generate(ids, return_dict_in_generate=True, **kwargs)
@@ -160,7 +151,7 @@ def test_scorers_are_parameters_that_train():
     model = sparsek_hf.patch(_model("llama"), SparseKConfig(budget=4, window=4, sinks=1, block_q=4))
     names = [n for n, _ in model.named_parameters() if ".sparsek_scorer." in n]
     assert len(names) == 2 * 3  # weight, bias, slope per layer
-    _randomise_scorers(model)
+    randomise_scorers(model, slope=0.5)
     ids, _ = _batch(seed=3)
     loss = model(ids, labels=ids).loss
     loss.backward()
@@ -205,7 +196,7 @@ def load_reports():
 def test_save_pretrained_round_trip(tmp_path, load_reports):
     settings = SparseKConfig(budget=5, window=3, sinks=2, block_q=4, soft=False, init_slope=0.25)
     model = sparsek_hf.patch(_model("llama"), settings)
-    _randomise_scorers(model, seed=4)
+    randomise_scorers(model, seed=4, slope=0.5)
     ids, mask = _batch(seed=4)
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
@@ -225,7 +216,7 @@ def test_save_pretrained_round_trip(tmp_path, load_reports):
 
 def test_patched_family_round_trip_and_scorer_files(tmp_path):
     model = sparsek_hf.patch(_model("falcon"), SparseKConfig(budget=5, window=3, sinks=1, block_q=4))
-    _randomise_scorers(model, seed=5)
+    randomise_scorers(model, seed=5, slope=0.5)
     ids, mask = _batch(seed=5)
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
@@ -241,7 +232,7 @@ def test_patched_family_round_trip_and_scorer_files(tmp_path):
     fresh = sparsek_hf.patch(_model("falcon"), SparseKConfig(budget=5, window=3, sinks=1, block_q=4), scorer_path=path)
     for old, new in zip(attention_layers(model), attention_layers(fresh)):
         assert torch.equal(old.sparsek_scorer.weight, new.sparsek_scorer.weight)
-    _randomise_scorers(fresh, seed=99)
+    randomise_scorers(fresh, seed=99, slope=0.5)
     assert sparsek_hf.load_scorers(fresh, tmp_path) == 2
     assert torch.equal(attention_layers(fresh)[1].sparsek_scorer.bias, attention_layers(model)[1].sparsek_scorer.bias)
 
@@ -255,7 +246,7 @@ def test_patch_then_unpatch_restores_the_model(family):
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
         sparsek_hf.patch(model, SparseKConfig(budget=3, window=2, sinks=1, block_q=4))
-        _randomise_scorers(model)
+        randomise_scorers(model, slope=0.5)
         changed = model(ids, attention_mask=mask).logits
         assert oracle.rel_err(changed, want) > 1e-3  # a small budget really changes the attention
         sparsek_hf.unpatch(model)
