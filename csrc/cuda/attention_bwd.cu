@@ -90,25 +90,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 
   int meta_base = 0;
   auto load_meta = [&](int base) {
-    const int n = min(kMeta, tiles * kBC - base);
-    for (int i = tid; i < n; i += kThreads) {
-      int pos;
-      float bias2;
-      geo.key(p, base + i, pos, bias2);
-      meta_pos[i] = pos;
-      meta_bias[i] = bias2;
-    }
+    geo.load_keys(p, base, tiles * kBC, kMeta, meta_pos, meta_bias, tid, kThreads);
   };
   auto issue_tile = [&](int n, int st) {
-    T* kd = Ks + st * kBC * D;
-    T* vd = Vs + st * kBC * D;
-    for (int i = tid; i < kBC * CH; i += kThreads) {
-      const int kr = i / CH, c = i % CH;
-      const int pos = meta_pos[n * kBC + kr - meta_base];
-      const bool ok = pos >= 0;
-      cp_async16(&kd[swz<D>(kr, c * 8)], ok ? kg + pos * p.k_stride[2] + c * 8 : kg, ok ? 16 : 0);
-      cp_async16(&vd[swz<D>(kr, c * 8)], ok ? vg + pos * p.v_stride[2] + c * 8 : vg, ok ? 16 : 0);
-    }
+    gather_kv_tile<T, D, kBC>(kg, vg, p.k_stride[2], p.v_stride[2], meta_pos + n * kBC - meta_base,
+                              Ks + st * kBC * D, Vs + st * kBC * D, tid, kThreads);
     if (tid < kBC) {
       const float b2 = meta_bias[n * kBC + tid - meta_base];
       tile_bias[st * kBC + tid] = b2;

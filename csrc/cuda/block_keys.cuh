@@ -58,6 +58,20 @@ struct BlockGeo {
     bias2 = valid ? 0.f : -INFINITY;
   }
 
+  // Positions and log2-biases of keys [base, min(base + capacity, end)) of the list into shared
+  // memory (the tile loops keep a window of the list there and reload it as they pass its end).
+  __device__ __forceinline__ void load_keys(const AttnParams& p, int base, int end, int capacity, int* pos_s,
+                                            float* bias_s, int tid, int threads) const {
+    const int n = min(capacity, end - base);
+    for (int i = tid; i < n; i += threads) {
+      int pos;
+      float bias2;
+      key(p, base + i, pos, bias2);
+      pos_s[i] = pos;
+      bias_s[i] = bias2;
+    }
+  }
+
   // Rows of a CTA are (head of the group, query) pairs flattened head-major.
   __device__ __forceinline__ int64_t q_offset(const AttnParams& p, int gr, const int64_t* stride) const {
     const int gh = gr / nr, rr = gr % nr;
@@ -71,5 +85,20 @@ struct BlockGeo {
   }
   __device__ __forceinline__ int position(int gr) const { return first_pos + gr % nr; }
 };
+
+// Gathers the K and V rows of BC keys at positions pos[0..BC) (-1: a zero row) into swizzled
+// shared tiles with cp.async (the caller commits). kg / vg point at the (batch, kv head) rows.
+template <typename T, int D, int BC>
+__device__ __forceinline__ void gather_kv_tile(const T* kg, const T* vg, int64_t k_row_stride, int64_t v_row_stride,
+                                               const int* pos, T* kd, T* vd, int tid, int threads) {
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  for (int i = tid; i < BC * CH; i += threads) {
+    const int kr = i / CH, c = i % CH;
+    const int at = pos[kr];
+    const bool ok = at >= 0;
+    cp_async16(&kd[swz<D>(kr, c * 8)], ok ? kg + at * k_row_stride + c * 8 : kg, ok ? 16 : 0);
+    cp_async16(&vd[swz<D>(kr, c * 8)], ok ? vg + at * v_row_stride + c * 8 : vg, ok ? 16 : 0);
+  }
+}
 
 }  // namespace sparsek_cuda

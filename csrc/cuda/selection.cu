@@ -164,6 +164,25 @@ struct BlockView {
   int n, tile, t, lane;
   double shift;
 
+  // The view of warp lane `lane` on (row, block t), over the rank tables of the scratch.
+  static __device__ BlockView of(const SelectParams& p, const SelectScratch& s, int row, int t, int lane) {
+    const int64_t base = static_cast<int64_t>(row) * p.num_keys;
+    const int64_t bt = static_cast<int64_t>(row) * p.num_blocks + t;
+    BlockView v;
+    v.pos = s.sorted_pos + base;
+    v.su = s.sorted_u + base;
+    v.blk = s.sorted_blk + base;
+    v.by_blk = s.by_blk + base;
+    v.cnt = s.cnt + bt * (p.num_tiles + 1);
+    v.sum = s.sum + bt * (p.num_tiles + 1);
+    v.n = s.num_eligible[row];
+    v.tile = p.tile;
+    v.t = t;
+    v.lane = lane;
+    v.shift = v.n > 0 ? static_cast<double>(v.su[0]) : 0.0;
+    return v;
+  }
+
   // First index in [lo, hi) where pred(score) is false (pred is true then false along the ranks).
   template <class Pred>
   __device__ int partition(int lo, int hi, Pred pred) const {
@@ -232,20 +251,8 @@ __global__ void blocks_kernel(const SelectParams p, const SelectScratch s, int32
   const int t = blockIdx.x * kWarpsPerCta + warp;
   const int row = blockIdx.y;
   if (t >= p.num_blocks) return;
-  const int64_t base = static_cast<int64_t>(row) * p.num_keys;
   const int64_t bt = static_cast<int64_t>(row) * p.num_blocks + t;
-  BlockView v;
-  v.pos = s.sorted_pos + base;
-  v.su = s.sorted_u + base;
-  v.blk = s.sorted_blk + base;
-  v.by_blk = s.by_blk + base;
-  v.cnt = s.cnt + bt * (p.num_tiles + 1);
-  v.sum = s.sum + bt * (p.num_tiles + 1);
-  v.n = s.num_eligible[row];
-  v.tile = p.tile;
-  v.t = t;
-  v.lane = lane;
-  v.shift = v.n > 0 ? static_cast<double>(v.su[0]) : 0.0;
+  const BlockView v = BlockView::of(p, s, row, t, lane);
 
   int32_t* out = idx + bt * p.width;
   const int ncand = v.cnt[p.num_tiles];
@@ -380,18 +387,7 @@ __global__ void finalize_kernel(const SelectParams p, const SelectScratch s, con
   if (t >= p.num_blocks) return;
   const int64_t base = static_cast<int64_t>(row) * p.num_keys;
   const int64_t bt = static_cast<int64_t>(row) * p.num_blocks + t;
-  BlockView v;
-  v.pos = s.sorted_pos + base;
-  v.su = s.sorted_u + base;
-  v.blk = s.sorted_blk + base;
-  v.by_blk = s.by_blk + base;
-  v.cnt = s.cnt + bt * (p.num_tiles + 1);
-  v.sum = s.sum + bt * (p.num_tiles + 1);
-  v.n = s.num_eligible[row];
-  v.tile = p.tile;
-  v.t = t;
-  v.lane = lane;
-  v.shift = v.n > 0 ? static_cast<double>(v.su[0]) : 0.0;
+  const BlockView v = BlockView::of(p, s, row, t, lane);
 
   const double tau = tau_all[bt];
   const bool finite = isfinite(tau);
@@ -471,19 +467,7 @@ __global__ void fix_nfrac_kernel(const SelectParams p, const SelectScratch s, co
   const int64_t bt = static_cast<int64_t>(row) * p.num_blocks + t;
   const double tau = tau_all[bt];
   if (tau == s.raw_tau[bt]) return;
-  const int64_t base = static_cast<int64_t>(row) * p.num_keys;
-  BlockView v;
-  v.pos = s.sorted_pos + base;
-  v.su = s.sorted_u + base;
-  v.blk = s.sorted_blk + base;
-  v.by_blk = s.by_blk + base;
-  v.cnt = s.cnt + bt * (p.num_tiles + 1);
-  v.sum = s.sum + bt * (p.num_tiles + 1);
-  v.n = s.num_eligible[row];
-  v.tile = p.tile;
-  v.t = t;
-  v.lane = lane;
-  v.shift = v.n > 0 ? static_cast<double>(v.su[0]) : 0.0;
+  const BlockView v = BlockView::of(p, s, row, t, lane);
   int nf = 0;
   if (isfinite(tau)) {
     int c1, cab;
