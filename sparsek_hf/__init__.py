@@ -11,8 +11,9 @@ from .patching import patch, supported_families, unpatch
 from .scorer import SparseKScorer, load_scorers, save_scorers
 # Scorer training by distillation from dense attention (also registers the "sparsek_capture" attention).
 from .calibration import calibrate
+from .distillation import distill_end_to_end
 
-__all__ = ["SparseKBias", "SparseKCache", "SparseKConfig", "SparseKScorer", "calibrate", "configure", "load_scorers", "patch",
+__all__ = ["SparseKBias", "SparseKCache", "SparseKConfig", "SparseKScorer", "calibrate", "configure", "distill_end_to_end", "load_scorers", "patch",
            "save_scorers", "supported_families", "unpatch", "compiled_backends", "sparsek_attention", "sparsek_attention_reference"]
 __version__ = "0.1.0"
 

@@ -647,6 +647,14 @@ def build_parser():
     p.add_argument("--chunk-queries", type=int, default=defaults.chunk_queries)
     p.add_argument("--chunks-per-step", type=int, default=defaults.chunks_per_step)
     p.add_argument("--seed", type=int, default=0)
+    e2e = p.add_argument_group("end-to-end distillation (sparsek_hf.distillation)")
+    e2e.add_argument("--end-to-end-steps", type=int, default=0,
+                     help="then fine-tune all scorers together on the model's next-token distribution for at most "
+                     "this many steps (default: 0, off; one process only)")
+    e2e.add_argument("--end-to-end-lr", type=float, default=None, help="its step size, in gate units (default: 0.05)")
+    e2e.add_argument("--from-scorers", metavar="PATH",
+                     help="skip the layer-local fit: start from these scorers (a file, or a directory with "
+                     f"{SCORER_FILE_PATTERN.format(budget='K')})")
     p.add_argument("--out", default=".", metavar="PATH",
                    help=f"a directory (files {SCORER_FILE_PATTERN.format(budget='K')}) or, for one budget, a "
                    ".safetensors file (default: .)")
@@ -666,7 +674,8 @@ def main(argv: list[str] | None = None) -> dict[int, CalibrationReport]:
 
     from accelerate import Accelerator
 
-    from .evaluation import SCORER_FILE_PATTERN, _load, load_text, split_tokens
+    from .distillation import EndToEndOptions, distill_end_to_end
+    from .evaluation import SCORER_FILE_PATTERN, _load, _read_scorers, load_text, split_tokens
     from .scorer import save_scorers
 
     parser = build_parser()
@@ -685,14 +694,20 @@ def main(argv: list[str] | None = None) -> dict[int, CalibrationReport]:
         parser.error(f"--text: file(s) not found: {', '.join(f for f in a.text if not os.path.isfile(f))}")
     if len(a.budgets) > 1 and a.out.endswith(".safetensors"):
         parser.error("--out: give a directory when calibrating several budgets")
+    if a.from_scorers and not os.path.exists(a.from_scorers):
+        parser.error(f"--from-scorers: {a.from_scorers} not found")
     try:
         configs = [SparseKConfig(budget=b, window=a.window, sinks=a.sinks, block_q=a.block_q) for b in a.budgets]
         options = FitOptions(steps=a.steps, lr=a.lr, lr_slope=a.lr_slope, chunk_queries=a.chunk_queries,
                              chunks_per_step=a.chunks_per_step, seed=a.seed)
+        e2e_options = EndToEndOptions(steps=a.end_to_end_steps, seed=a.seed,
+                                      **({"lr": a.end_to_end_lr} if a.end_to_end_lr is not None else {}))
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
 
     accelerator = Accelerator(cpu=a.device == "cpu")
+    if a.end_to_end_steps and accelerator.num_processes > 1:
+        parser.error("--end-to-end-steps runs in one process (drop accelerate launch for it)")
     device = torch.device(a.device) if a.device else accelerator.device
     say = print if accelerator.is_main_process else (lambda *args, **kwargs: None)
     progress = not a.no_progress and accelerator.is_main_process
@@ -710,25 +725,42 @@ def main(argv: list[str] | None = None) -> dict[int, CalibrationReport]:
 
     start = time.perf_counter()
     rank, world = accelerator.process_index, accelerator.num_processes
-    captures = capture_attention(model, {i: w for i, w in enumerate(windows) if i % world == rank}, progress=progress)
-    reports = {}
+    captures = None
+    if not a.from_scorers:
+        mine = {i: w for i, w in enumerate(windows) if i % world == rank}
+        captures = capture_attention(model, mine, progress=progress)
+    reports, summary = {}, {}
     for config in configs:
-        report = fit_scorers(captures, config, len(windows), a.ctx, heldout_windows=a.heldout, options=options,
-                             accelerator=accelerator, progress=progress)
-        reports[config.budget] = report
-        apply_scorers(model, config, report.scorers)
+        if a.from_scorers:
+            try:
+                tensors = _read_scorers([a.from_scorers], [config.budget], len(attention_layers(model)))[config.budget]
+            except ValueError as exc:
+                parser.error(str(exc).replace("--scorers", "--from-scorers"))
+            summary[config.budget] = {"from_scorers": a.from_scorers}
+        else:
+            report = fit_scorers(captures, config, len(windows), a.ctx, heldout_windows=a.heldout, options=options,
+                                 accelerator=accelerator, progress=progress)
+            reports[config.budget], tensors = report, report.scorers
+            summary[config.budget] = report.to_dict()
+            say(f"K={config.budget}: held-out distillation loss {report.heldout_init:.4f} (initial scorer) -> "
+                f"{report.heldout_after:.4f}")
+        apply_scorers(model, config, tensors)
+        if a.end_to_end_steps:
+            e2e = distill_end_to_end(model, windows, config, heldout_windows=a.heldout, options=e2e_options,
+                                     progress=progress)
+            summary[config.budget]["end_to_end"] = dataclasses.asdict(e2e)
+            say(f"K={config.budget}: end to end, held-out KL per selective token {e2e.heldout_kl_start:.5f} -> "
+                f"{e2e.heldout_kl_after:.5f} ({e2e.steps} steps)")
         path = a.out if a.out.endswith(".safetensors") else os.path.join(
             a.out, SCORER_FILE_PATTERN.format(budget=config.budget))
         if accelerator.is_main_process:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             save_scorers(model, path)
-        say(f"K={config.budget}: held-out distillation loss {report.heldout_init:.4f} (initial scorer) -> "
-            f"{report.heldout_after:.4f}; saved {path}")
+        say(f"K={config.budget}: saved {path}")
     say(f"calibration took {time.perf_counter() - start:.0f} s")
     if a.report and accelerator.is_main_process:
         with open(a.report, "w") as f:
-            json.dump({"model": name, "ctx": a.ctx, "budgets": {str(k): r.to_dict() for k, r in reports.items()}},
-                      f, indent=1)
+            json.dump({"model": name, "ctx": a.ctx, "budgets": {str(k): v for k, v in summary.items()}}, f, indent=1)
     return reports
 
 
