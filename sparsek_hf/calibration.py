@@ -32,6 +32,9 @@ Adam then trains ``w`` (per kv head, in units of the head's value scale) and ``l
 stopping on the held-out loss. ``b`` shifts every candidate of a head alike, which moves tau with it:
 it cannot change any gate and is left at 0.
 
+``sparsek_hf.distillation`` then fine-tunes all scorers together on the model's output distribution
+(``--end-to-end-steps`` on the command line).
+
 Data parallel (``accelerator`` with several processes): each process captures the windows
 ``i % num_processes == rank``; every step samples the same chunks everywhere (one seed), each
 process runs the chunks of its windows, and the gradients are summed across processes, so the
@@ -627,7 +630,8 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m eval.calibrate",
         description="Train SparseK scorers by layer-local distillation from dense attention, on the calibration "
-        "part of a text (default: SmolLM2-135M, offline, on the shipped text), and save them as safetensors.",
+        "part of a text (default: SmolLM2-135M, offline, on the shipped text), optionally fine-tune them end to end "
+        "on the model's next-token distribution, and save them as safetensors.",
     )
     add_model_and_text_arguments(p)
     p.add_argument("--calib-fraction", type=float, default=CALIB_FRACTION,
