@@ -16,15 +16,19 @@ Geometry make_geometry(int64_t num_queries, int64_t num_keys, int64_t budget, in
   return g;
 }
 
+void check_selection_settings(int64_t budget, int64_t window, int64_t sinks, int64_t block_q) {
+  SPARSEK_CHECK_VALUE(budget >= 0, "budget must be >= 0, got ", budget);
+  SPARSEK_CHECK_VALUE(window >= 0, "window must be >= 0, got ", window);
+  SPARSEK_CHECK_VALUE(sinks >= 0, "sinks must be >= 0, got ", sinks);
+  SPARSEK_CHECK_VALUE(block_q >= 1, "block_q must be >= 1, got ", block_q);
+}
+
 void check_selection_args(const at::Tensor& scores, const c10::optional<at::Tensor>& key_valid,
                           int64_t num_queries, int64_t budget, int64_t window, int64_t sinks,
                           int64_t block_q) {
   SPARSEK_CHECK_VALUE(scores.dim() == 3, "scores must be 3-D [B, Hkv, Nk], got shape ", scores.sizes());
   SPARSEK_CHECK_TYPE(scores.scalar_type() == at::kFloat, "scores must be float32, got ", scores.scalar_type());
-  SPARSEK_CHECK_VALUE(budget >= 0, "budget must be >= 0, got ", budget);
-  SPARSEK_CHECK_VALUE(window >= 0, "window must be >= 0, got ", window);
-  SPARSEK_CHECK_VALUE(sinks >= 0, "sinks must be >= 0, got ", sinks);
-  SPARSEK_CHECK_VALUE(block_q >= 1, "block_q must be >= 1, got ", block_q);
+  check_selection_settings(budget, window, sinks, block_q);
   SPARSEK_CHECK_VALUE(num_queries >= 0 && num_queries <= scores.size(2),
                     "the number of queries must be between 0 and the number of keys (", scores.size(2),
                     "), got ", num_queries);

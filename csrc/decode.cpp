@@ -50,10 +50,7 @@ void check_decode_select_args(const at::Tensor& scores, const at::Tensor& key_po
   }
   SPARSEK_CHECK_VALUE(query_pos0 >= 0, "query_pos0 must be >= 0, got ", query_pos0);
   SPARSEK_CHECK_VALUE(num_queries >= 1, "num_queries must be >= 1, got ", num_queries);
-  SPARSEK_CHECK_VALUE(budget >= 0, "budget must be >= 0, got ", budget);
-  SPARSEK_CHECK_VALUE(window >= 0, "window must be >= 0, got ", window);
-  SPARSEK_CHECK_VALUE(sinks >= 0, "sinks must be >= 0, got ", sinks);
-  SPARSEK_CHECK_VALUE(block_q >= 1, "block_q must be >= 1, got ", block_q);
+  check_selection_settings(budget, window, sinks, block_q);
 }
 
 // Starts p0 of the query blocks touched by queries at positions query_pos0 .. + num_queries - 1.

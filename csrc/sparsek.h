@@ -81,6 +81,7 @@ inline bool is_fractional(double u, double tau) {
 
 // Argument checks shared by all backends; they raise ValueError / TypeError with the argument's
 // name and what was expected.
+void check_selection_settings(int64_t budget, int64_t window, int64_t sinks, int64_t block_q);
 void check_selection_args(const at::Tensor& scores, const c10::optional<at::Tensor>& key_valid,
                           int64_t num_queries, int64_t budget, int64_t window, int64_t sinks,
                           int64_t block_q);
