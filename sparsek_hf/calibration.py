@@ -737,9 +737,10 @@ def main(argv: list[str] | None = None) -> dict[int, CalibrationReport]:
     for config in configs:
         if a.from_scorers:
             try:
-                tensors = _read_scorers([a.from_scorers], [config.budget], len(attention_layers(model)))[config.budget]
+                tensors = _read_scorers([a.from_scorers], [config.budget], len(attention_layers(model)),
+                                        option="--from-scorers")[config.budget]
             except ValueError as exc:
-                parser.error(str(exc).replace("--scorers", "--from-scorers"))
+                parser.error(str(exc))
             summary[config.budget] = {"from_scorers": a.from_scorers}
         else:
             report = fit_scorers(captures, config, len(windows), a.ctx, heldout_windows=a.heldout, options=options,

@@ -461,7 +461,8 @@ def _scorer_file(path: str, budget: int) -> str:
     return path
 
 
-def _read_scorers(paths: list[str], budgets: list[int], num_layers: int) -> dict[int, dict]:
+def _read_scorers(paths: list[str], budgets: list[int], num_layers: int, option: str = "--scorers") -> dict[int, dict]:
+    """Scorer tensors per budget from the files or directories of command-line ``option``."""
     from .scorer import read_scorer_tensors
 
     out = {}
@@ -470,7 +471,7 @@ def _read_scorers(paths: list[str], budgets: list[int], num_layers: int) -> dict
         tensors = read_scorer_tensors(path)
         missing = sorted(set(range(num_layers)) - set(tensors))
         if missing:
-            raise ValueError(f"--scorers: {path} has no scorer for layers {missing}")
+            raise ValueError(f"{option}: {path} has no scorer for layers {missing}")
         out[budget] = tensors
     return out
 
