@@ -154,6 +154,19 @@ def capture_attention(
 # -- fit ---------------------------------------------------------------------------------------------
 
 
+def check_options(options, counts: tuple[str, ...], rates: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the first of ``counts`` that is not an int >= 1 (``steps``: >= 0) or
+    of ``rates`` that is not a positive number (bools are neither)."""
+    for name in counts:
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in rates:
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive float, got {value!r}")
+
+
 @dataclass
 class FitOptions:
     """How ``fit_scorers`` trains each layer (defaults: SmolLM2-135M on CPU in minutes)."""
@@ -173,14 +186,7 @@ class FitOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "chunk_queries", "chunks_per_step", "eval_every", "patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("lr", "lr_slope"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive float, got {value!r}")
+        check_options(self, ("steps", "chunk_queries", "chunks_per_step", "eval_every", "patience"), ("lr", "lr_slope"))
         for name in ("start_slopes", "warm_scales"):
             values = getattr(self, name)
             if not values or any(isinstance(x, bool) or not (isinstance(x, (int, float)) and x > 0) for x in values):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibration import _first_selective_row, capture_attention, split_windows
+from .calibration import _first_selective_row, capture_attention, check_options, split_windows
 from .config import SparseKConfig
 from .patching import attention_layers
 from .scorer import SCORER_ATTR
@@ -42,12 +42,7 @@ class EndToEndOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "eval_every", "patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr must be a positive float, got {self.lr!r}")
+        check_options(self, ("steps", "eval_every", "patience"), ("lr",))
 
 
 @dataclass
