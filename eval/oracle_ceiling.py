@@ -44,14 +44,14 @@ class _FixedScorer(SparseKScorer):
         return self.fixed
 
 
-def oracle_scores(captures: list[calibration.LayerCapture], index: int, mode: str) -> list[torch.Tensor]:
-    """u [1, Hkv, N] per layer: log of the dense attention each key receives in window ``index``."""
-    scores = []
+def oracle_scores(captures: list[calibration.LayerCapture], index: int) -> dict[str, list[torch.Tensor]]:
+    """u [1, Hkv, N] per layer for each oracle: log of the dense attention each key receives in window
+    ``index``, summed over the queries ("oracle_sum") or averaged over those that see it ("oracle_mean")."""
+    scores = {"oracle_sum": [], "oracle_mean": []}
     for cap in captures:
         received, count = calibration._received_attention(cap.q[index][0], cap.k[index][0], cap.scale, gap=0)
-        if mode == "oracle_mean":
-            received = received / count.clamp_min(1).double()
-        scores.append(received.clamp_min(1e-30).log().float()[None].contiguous())
+        for mode, total in (("oracle_sum", received), ("oracle_mean", received / count.clamp_min(1).double())):
+            scores[mode].append(total.clamp_min(1e-30).log().float()[None].contiguous())
     return scores
 
 
@@ -108,14 +108,14 @@ def main(argv: list[str] | None = None) -> dict:
     tokens, start = 0, time.perf_counter()
     for i, window in enumerate(windows):
         window_ids = eval_ids[window.begin : window.end]
-        captures = calibration.capture_attention(model, {0: window_ids})
+        oracles = oracle_scores(calibration.capture_attention(model, {0: window_ids}), 0)
         for method in methods:
             set_method(method)
-            if method.startswith("oracle"):
-                for module, u in zip(layers, oracle_scores(captures, 0, method)):
+            if method in oracles:
+                for module, u in zip(layers, oracles[method]):
                     module._modules[SCORER_ATTR].fixed = u.to(device)
             nll[method] += ev.window_nlls(model, eval_ids, [window])[0]
-        del captures
+        del oracles
         tokens += window.tokens
         dense = math.exp(nll["dense"] / tokens)
         print(f"window {i + 1}/{len(windows)}, {tokens} tokens, {time.perf_counter() - start:.0f} s: " + ", ".join(
