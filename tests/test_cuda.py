@@ -75,8 +75,13 @@ def _near_kink(u, valid, tau, nq, nk, window, sinks, block_q, eps=1e-9):
     return near.any(-1)
 
 
+@pytest.mark.parametrize("row_sorts", [False, True], ids=["packed_sorts", "row_sorts"])
 @pytest.mark.parametrize("case", SELECT_CASES)
-def test_select_matches_cpu(case):
+def test_select_matches_cpu(case, row_sorts, monkeypatch):
+    # row_sorts: the ATen row-by-row sorts that shapes too large for the packed radix sort and the
+    # per-tile block sort take (forced through the environment, read on every call).
+    if row_sorts:
+        monkeypatch.setenv("SPARSEK_CUDA_ROW_SORTS", "1")
     batch, heads, nk, nq, budget, window, sinks, block_q, soft, kind, padding = case
     gen = torch.Generator().manual_seed(nk + budget)
     u = _scores(gen, batch, heads, nk, kind)

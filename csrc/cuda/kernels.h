@@ -19,6 +19,7 @@ struct SelectParams {
   int last_candidate;  // highest position that is a candidate of some block of the call
   int tile;            // ranks per tile of the rank tables (power of two)
   int num_tiles;       // ceil(num_keys / tile)
+  int packed_position_bits;  // > 0: sort keys packed for one radix sort of all rows (selection.cu)
   bool soft;
 };
 
@@ -36,12 +37,21 @@ struct SelectScratch {
   double* raw_tau;        // [rows, T] before the running max
 };
 
+// Bits of a position in packed sort keys, 0 when (row, score, position) do not fit 64 bits (or
+// rows * N >= 2^31): then the plain keys are sorted by ATen, row by row.
+int packed_position_bits(int rows, int num_keys);
+// Step 1b for packed keys: one CUB radix sort of every row's keys over the used bits.
+size_t select_sort_temp_bytes(const SelectParams& p);
+void select_sort_packed(const SelectParams& p, void* temp, size_t temp_bytes, const int64_t* keys_in,
+                        int64_t* keys_out, cudaStream_t stream);
 // Step 1: sort keys. Step 2 (after the caller sorts sort_keys descending along the last dim):
 // decode into the rank-order arrays and the tile keys.
 void select_prepare(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
 void select_decode(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
 // Step 3 (after sorting tile_keys ascending): by_blk.
 void select_by_blk(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
+// Step 3 from the unsorted tile_keys, one block sort per tile (false: tiles too large, sort first).
+bool select_by_blk_sorted(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
 // Step 3b: per-tile columns of cnt/sum (the caller then takes the cumulative sum over tiles).
 void select_tables(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
 // Step 4: per block, top-K set (unsorted, padded with num_keys), count, raw tau and |F| at it.

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <string>
 
@@ -93,16 +94,30 @@ Selection select_cuda(const at::Tensor& scores_in, const c10::optional<at::Tenso
     sel.gate.zero_();
     return sel;
   }
-  const SelectParams p = select_params(scores, key_valid, geo, budget, window, sinks, soft);
+  SelectParams p = select_params(scores, key_valid, geo, budget, window, sinks, soft);
   const int64_t rows = batch * heads;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
+  // SPARSEK_CUDA_ROW_SORTS (set by the tests) takes the ATen row-sort path of both sorts, which is
+  // otherwise only reached by shapes whose keys do not pack or whose rank tiles are too large.
+  const bool row_sorts = std::getenv("SPARSEK_CUDA_ROW_SORTS") != nullptr;
+  p.packed_position_bits = row_sorts ? 0 : sparsek_cuda::packed_position_bits(p.rows, p.num_keys);
   at::Tensor keys = at::empty({rows, num_keys}, opts.dtype(at::kLong));
   SelectScratch s{};
   s.sort_keys = keys.data_ptr<int64_t>();
   sparsek_cuda::select_prepare(p, s, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor sorted = std::get<0>(keys.sort(-1, /*descending=*/true)).contiguous();
+  at::Tensor sorted;
+  if (p.packed_position_bits > 0) {  // one radix sort over all rows and only the bits in use
+    sorted = at::empty_like(keys);
+    const size_t temp_bytes = sparsek_cuda::select_sort_temp_bytes(p);
+    at::Tensor temp = at::empty({static_cast<int64_t>(std::max<size_t>(temp_bytes, 1))}, opts.dtype(at::kByte));
+    sparsek_cuda::select_sort_packed(p, temp.data_ptr(), temp_bytes, keys.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
+                                     stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    sorted = std::get<0>(keys.sort(-1, /*descending=*/true)).contiguous();
+  }
   at::Tensor sorted_pos = at::empty({rows, num_keys}, opts.dtype(at::kInt));
   at::Tensor sorted_u = at::empty({rows, num_keys}, opts.dtype(at::kFloat));
   at::Tensor sorted_blk = at::empty({rows, num_keys}, opts.dtype(at::kInt));
@@ -121,11 +136,13 @@ Selection select_cuda(const at::Tensor& scores_in, const c10::optional<at::Tenso
   sparsek_cuda::select_decode(p, s, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const at::Tensor tiles_sorted = std::get<0>(tile_keys.sort(-1, /*descending=*/false)).contiguous();
   at::Tensor by_blk = at::empty({rows, num_keys}, opts.dtype(at::kInt));
-  s.tile_keys = tiles_sorted.data_ptr<int64_t>();
   s.by_blk = by_blk.data_ptr<int32_t>();
-  sparsek_cuda::select_by_blk(p, s, stream);
+  if (row_sorts || !sparsek_cuda::select_by_blk_sorted(p, s, stream)) {  // tiles past 4096 ranks
+    const at::Tensor tiles_sorted = std::get<0>(tile_keys.sort(-1, /*descending=*/false)).contiguous();
+    s.tile_keys = tiles_sorted.data_ptr<int64_t>();
+    sparsek_cuda::select_by_blk(p, s, stream);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sparsek_cuda::select_tables(p, s, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -3,12 +3,14 @@
 //
 // Per (batch, kv head) row of N keys, T blocks:
 //   1. the eligible keys (sinks <= j <= last candidate, valid) are sorted once by (score desc,
-//      position desc) through 64-bit keys (ATen sort): rank r;
+//      position desc) through 64-bit keys: rank r. Where (row, score, position) pack into 64 bits,
+//      one CUB radix sort of all rows over the bits in use; otherwise ATen sorts row by row;
 //   2. key j is a candidate from block blk(j) = ceil((j + W) / block_q) on. The rank order is cut
 //      into tiles of R ranks; tables cnt/sum[t][X] hold the number and the score sum of the
 //      candidates of block t among ranks < X*R (a histogram over (blk, tile), then prefix sums
-//      over blk and over tiles). Within each tile, the ranks are also listed by blk (by_blk), so
-//      the candidates of block t in a tile are a prefix of that list;
+//      over blk and over tiles). Within each tile, the ranks are also listed by blk (by_blk, one
+//      block radix sort per tile up to 4096 ranks), so the candidates of block t in a tile are a
+//      prefix of that list;
 //   3. one warp per block: the K-th candidate rank r_K (table search + one tile scan), tau by
 //      bisection of the piecewise-linear mass sum clip(u - tau, 0, 1) (each evaluation: two
 //      searches of the sorted scores + two table lookups and tile scans), then the exact root on
@@ -21,6 +23,7 @@
 #include <cmath>
 
 #include <cub/block/block_radix_sort.cuh>
+#include <cub/device/device_radix_sort.cuh>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -31,11 +34,36 @@ namespace {
 constexpr int64_t kNoKey = INT64_MIN;
 constexpr int kWarpsPerCta = 4;
 
-__device__ __forceinline__ int64_t rank_key(float u, int j) {
+__device__ __forceinline__ uint32_t score_order(float u) {
   const uint32_t bits = u == 0.f ? 0u : __float_as_uint(u);  // -0 ties with +0, as in a comparison
-  const uint32_t ord = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  const uint64_t k = (static_cast<uint64_t>(ord ^ 0x80000000u) << 32) | static_cast<uint32_t>(j);
-  return static_cast<int64_t>(k);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // unsigned order = score order
+}
+
+// Sort keys, two formats. Plain: (score, position) as an int64 whose descending order per row is
+// the rank order (ATen sorts each row). Packed (p.packed_position_bits = b > 0): row above the
+// complemented score and position, so one ascending radix sort of all rows over the used bits
+// gives every row's rank order in place; an ineligible key has all its low bits set (last).
+__device__ __forceinline__ int64_t rank_key(const SelectParams& p, int row, float u, int j, bool ok) {
+  const int b = p.packed_position_bits;
+  if (b == 0) {
+    if (!ok) return kNoKey;
+    const uint64_t k = (static_cast<uint64_t>(score_order(u) ^ 0x80000000u) << 32) | static_cast<uint32_t>(j);
+    return static_cast<int64_t>(k);
+  }
+  const uint64_t low_mask = (uint64_t(1) << (32 + b)) - 1;
+  const uint64_t low = ok ? (static_cast<uint64_t>(~score_order(u)) << b) | (~static_cast<uint64_t>(j) & ((uint64_t(1) << b) - 1))
+                          : low_mask;
+  return static_cast<int64_t>((static_cast<uint64_t>(row) << (32 + b)) | low);
+}
+
+// Position of a sorted key, -1 for an ineligible one.
+__device__ __forceinline__ int key_position(const SelectParams& p, int64_t key) {
+  const int b = p.packed_position_bits;
+  if (b == 0) return key == kNoKey ? -1 : static_cast<int>(key & 0xffffffffll);
+  const uint64_t low_mask = (uint64_t(1) << (32 + b)) - 1;
+  const uint64_t k = static_cast<uint64_t>(key);
+  if ((k & low_mask) == low_mask) return -1;
+  return static_cast<int>(~k & ((uint64_t(1) << b) - 1));
 }
 
 __device__ __forceinline__ int first_block_of(int j, const SelectParams& p) {
@@ -51,7 +79,7 @@ __global__ void prepare_kernel(const SelectParams p, int64_t* keys) {
   const int64_t rj = static_cast<int64_t>(row) * p.num_keys + j;
   bool ok = j >= p.sinks && j <= p.last_candidate;
   if (ok && p.key_valid != nullptr) ok = p.key_valid[static_cast<int64_t>(row / p.kv_heads) * p.num_keys + j];
-  keys[rj] = ok ? rank_key(p.scores[rj], j) : kNoKey;
+  keys[rj] = rank_key(p, row, p.scores[rj], j, ok);
 }
 
 __global__ void decode_kernel(const SelectParams p, const SelectScratch s) {
@@ -59,23 +87,22 @@ __global__ void decode_kernel(const SelectParams p, const SelectScratch s) {
   const int row = blockIdx.y;
   if (r >= p.num_keys) return;
   const int64_t base = static_cast<int64_t>(row) * p.num_keys;
-  const int64_t key = s.sort_keys[base + r];
+  const int j = key_position(p, s.sort_keys[base + r]);
   const int X = r / p.tile, local = r - X * p.tile;
-  if (key == kNoKey) {
+  if (j < 0) {
     s.sorted_pos[base + r] = -1;
     s.sorted_u[base + r] = -INFINITY;
     s.sorted_blk[base + r] = p.num_blocks;
     s.tile_keys[base + r] = (static_cast<int64_t>(X) << 44) | (static_cast<int64_t>(0xFFFFFF) << 20) | local;
     return;
   }
-  const int j = static_cast<int>(key & 0xffffffffll);
   const float u = p.scores[base + j];
   const int blk = first_block_of(j, p);
   s.sorted_pos[base + r] = j;
   s.sorted_u[base + r] = u;
   s.sorted_blk[base + r] = blk;
   s.tile_keys[base + r] = (static_cast<int64_t>(X) << 44) | (static_cast<int64_t>(blk) << 20) | local;
-  if (r + 1 == p.num_keys || s.sort_keys[base + r + 1] == kNoKey) s.num_eligible[row] = r + 1;
+  if (r + 1 == p.num_keys || key_position(p, s.sort_keys[base + r + 1]) < 0) s.num_eligible[row] = r + 1;
 }
 
 __global__ void by_blk_kernel(const SelectParams p, const SelectScratch s) {
@@ -89,6 +116,34 @@ __global__ void by_blk_kernel(const SelectParams p, const SelectScratch s) {
 
 // Columns X0.. of the tables, one CTA for a few tiles: for every block t, the number of a tile's
 // ranks with blk <= t and the sum of their (score - shift). The tile's ranks sorted by blk
+// Step 3 without a global sort, for tiles of up to 4096 ranks: one CTA sorts one tile's ranks by
+// blk (a stable block radix sort on the blk bits only; blk >= T, never a candidate, all sort last
+// as T) and writes by_blk directly. Keys pack blk above the rank's bits in the tile.
+template <int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS) by_blk_sort_kernel(const SelectParams p, const SelectScratch s,
+                                                              int local_bits, int end_bit) {
+  using Sort = cub::BlockRadixSort<uint32_t, THREADS, ITEMS>;
+  __shared__ typename Sort::TempStorage tmp;
+  const int64_t base = static_cast<int64_t>(blockIdx.y) * p.num_keys;
+  const int r0 = blockIdx.x * p.tile;
+  uint32_t keys[ITEMS];
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {  // blocked: the input order is the rank order, kept for ties
+    const int local = threadIdx.x * ITEMS + i;
+    uint32_t blk = static_cast<uint32_t>(p.num_blocks);
+    if (r0 + local < p.num_keys)
+      blk = min(static_cast<uint32_t>((s.tile_keys[base + r0 + local] >> 20) & 0xFFFFFF), blk);
+    keys[i] = (blk << local_bits) | static_cast<uint32_t>(local);
+  }
+  Sort(tmp).SortBlockedToStriped(keys, local_bits, end_bit);
+  const uint32_t mask = (1u << local_bits) - 1;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {  // padding ranks past N sort after every real one
+    const int e = i * THREADS + threadIdx.x;
+    if (r0 + e < p.num_keys) s.by_blk[base + r0 + e] = r0 + static_cast<int>(keys[i] & mask);
+  }
+}
+
 // (by_blk) make that a binary search and a prefix sum; neighbouring threads write neighbouring
 // tiles of one t (coalesced). The caller then sums the columns over tiles.
 constexpr int kTableThreads = 256;
@@ -505,6 +560,31 @@ void select_fix_nfrac(const SelectParams& p, const SelectScratch& s, const doubl
   fix_nfrac_kernel<<<grid, kWarpsPerCta * 32, 0, stream>>>(p, s, tau, nfrac);
 }
 
+int packed_position_bits(int rows, int num_keys) {
+  int rb = 0, b = 1;
+  while ((1ll << rb) < rows) ++rb;
+  while (b < 31 && (1ll << b) < num_keys) ++b;
+  if (rb + 32 + b > 64 || static_cast<int64_t>(rows) * num_keys >= (int64_t(1) << 31)) return 0;
+  return b;
+}
+
+size_t select_sort_temp_bytes(const SelectParams& p) {
+  size_t bytes = 0;
+  const int items = p.rows * p.num_keys;
+  cub::DeviceRadixSort::SortKeys(nullptr, bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
+                                 items, 0, 64);
+  return bytes;
+}
+
+void select_sort_packed(const SelectParams& p, void* temp, size_t temp_bytes, const int64_t* keys_in,
+                        int64_t* keys_out, cudaStream_t stream) {
+  int rb = 0;
+  while ((1ll << rb) < p.rows) ++rb;
+  const int end_bit = rb + 32 + p.packed_position_bits;
+  cub::DeviceRadixSort::SortKeys(temp, temp_bytes, reinterpret_cast<const uint64_t*>(keys_in),
+                                 reinterpret_cast<uint64_t*>(keys_out), p.rows * p.num_keys, 0, end_bit, stream);
+}
+
 void select_prepare(const SelectParams& p, const SelectScratch& s, cudaStream_t stream) {
   if (p.rows == 0 || p.num_keys == 0) return;
   prepare_kernel<<<dim3((p.num_keys + 255) / 256, p.rows), 256, 0, stream>>>(p, s.sort_keys);
@@ -518,6 +598,24 @@ void select_decode(const SelectParams& p, const SelectScratch& s, cudaStream_t s
 void select_by_blk(const SelectParams& p, const SelectScratch& s, cudaStream_t stream) {
   if (p.rows == 0 || p.num_keys == 0) return;
   by_blk_kernel<<<dim3((p.num_keys + 255) / 256, p.rows), 256, 0, stream>>>(p, s);
+}
+
+bool select_by_blk_sorted(const SelectParams& p, const SelectScratch& s, cudaStream_t stream) {
+  if (p.rows == 0 || p.num_keys == 0) return true;
+  int local_bits = 0, blk_bits = 1;
+  while ((1 << local_bits) < p.tile) ++local_bits;
+  while (blk_bits < 31 && (1ll << blk_bits) <= p.num_blocks) ++blk_bits;
+  if (p.tile > 4096 || local_bits + blk_bits > 32) return false;
+  const dim3 grid(p.num_tiles, p.rows);
+  const int end_bit = local_bits + blk_bits;
+  switch (p.tile) {
+    case 256: by_blk_sort_kernel<128, 2><<<grid, 128, 0, stream>>>(p, s, local_bits, end_bit); break;
+    case 512: by_blk_sort_kernel<128, 4><<<grid, 128, 0, stream>>>(p, s, local_bits, end_bit); break;
+    case 1024: by_blk_sort_kernel<256, 4><<<grid, 256, 0, stream>>>(p, s, local_bits, end_bit); break;
+    case 2048: by_blk_sort_kernel<256, 8><<<grid, 256, 0, stream>>>(p, s, local_bits, end_bit); break;
+    default: by_blk_sort_kernel<512, 8><<<grid, 512, 0, stream>>>(p, s, local_bits, end_bit); break;
+  }
+  return true;
 }
 
 void select_tables(const SelectParams& p, const SelectScratch& s, cudaStream_t stream) {
