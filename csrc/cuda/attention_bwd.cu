@@ -7,9 +7,9 @@
 //   dgate[slot] += sum over rows of P_raw (dP - delta)        (selected keys only)
 //   dQ += dS K                                  (registers, one write at the end)
 //   dV += P^T dO, dK += dS^T Q                  (P, dS staged in shared memory; each warp one
-//                                                16-key x D/2 block; fp32 vector reductions into
-//                                                global dk/dv buffers, since a key is shared by
-//                                                many query blocks)
+//                                                16-key x D/2 block, staged in fp32 and added to
+//                                                the global dk/dv buffers (a key is shared by many
+//                                                query blocks) by bulk reductions, one per key row)
 // d scores from dgate run afterwards (scores_grad_* below), like scores_grad_cpu.
 #include "block_keys.cuh"
 
@@ -22,12 +22,17 @@ constexpr int kRows = kWarps * 16;
 constexpr int kBC = 64;
 constexpr int kMeta = 2048;
 
+// dK / dV staging of one warp: its 16 keys x D/2 head dims in fp32, rows padded by 8 floats so the
+// fragment stores of rows r and r+4 are the only ones to share banks.
+template <int D>
+constexpr int stage_pitch() { return D / 2 + 8; }
+
 template <int D>
 constexpr size_t bwd_smem_bytes() {
   // Q, dO [kRows][D]; K, V [2][kBC][D]; P, dS [kRows][kBC]; lse2, delta [kRows]; metadata;
   // per-stage bias, gate and position of the tile's keys.
   return static_cast<size_t>(2 * kRows * D + 4 * kBC * D + 2 * kRows * kBC) * 2 + 2 * kRows * 4 + kMeta * 8 +
-         2 * kBC * 12;
+         2 * kBC * 12 + kWarps * 16 * stage_pitch<D>() * 4;
 }
 
 template <typename T, int D>
@@ -46,6 +51,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   float* tile_bias = meta_bias + kMeta;            // [2][kBC] log2 gate
   float* tile_gate = tile_bias + 2 * kBC;          // [2][kBC] gate (0 for masked keys)
   int* tile_pos = reinterpret_cast<int*>(tile_gate + 2 * kBC);  // [2][kBC]
+  float* stage = reinterpret_cast<float*>(tile_pos + 2 * kBC) + (threadIdx.x >> 5) * 16 * stage_pitch<D>();
 
   constexpr int CH = D / 8;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -239,42 +245,56 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
     __syncthreads();  // P and dS of every warp staged
 
     // dV = P^T dO and dK = dS^T Q for keys km*16.. and head dims dh*D/2..
-    float dv[DN][4], dk[DN][4];
-#pragma unroll
-    for (int j = 0; j < DN; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dv[j][e] = dk[j][e] = 0.f;
-#pragma unroll
-    for (int kr = 0; kr < kRows / 16; ++kr) {
-      uint32_t ap[4], ads[4];
-      const int pr = kr * 16 + (lane & 7) + ((lane >> 4) << 3), pc = km * 16 + ((lane >> 3) & 1) * 8;
-      ldmatrix_x4_trans(ap, &Ps[swz<kBC>(pr, pc)]);
-      ldmatrix_x4_trans(ads, &dSs[swz<kBC>(pr, pc)]);
-#pragma unroll
-      for (int np = 0; np < DN / 2; ++np) {
-        uint32_t bo[4], bq[4];
-        const int br = kr * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, bc = dh * (D / 2) + np * 16 + (lane >> 4) * 8;
-        ldmatrix_x4_trans(bo, &dOs[swz<D>(br, bc)]);
-        ldmatrix_x4_trans(bq, &Qs[swz<D>(br, bc)]);
-        Mma<T>::mma(dv[2 * np], ap, bo[0], bo[1]);
-        Mma<T>::mma(dv[2 * np + 1], ap, bo[2], bo[3]);
-        Mma<T>::mma(dk[2 * np], ads, bq[0], bq[1]);
-        Mma<T>::mma(dk[2 * np + 1], ads, bq[2], bq[3]);
-      }
-    }
     const int* tpos = tile_pos + st * kBC;
+    // One product at a time (half the live registers), each staged in fp32 and added to global
+    // memory row by row by the bulk-copy engine: lanes 0-15 issue one row each.
+    auto flush = [&](const float (&acc)[DN][4], float mul, float* dst) {
+      if (lane < 16) bulk_wait_read();  // this warp's previous rows have left the stage
+      __syncwarp();
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int pos = tpos[km * 16 + hr * 8 + g];
-      if (pos < 0) continue;
-      const int64_t base = ((static_cast<int64_t>(geo.b) * p.kv_heads + geo.h) * p.num_keys + pos) * D + dh * (D / 2);
+      for (int hr = 0; hr < 2; ++hr)
 #pragma unroll
-      for (int j = 0; j < DN; ++j) {
-        red_add_v2(gp.dv_acc + base + j * 8 + 2 * c4, dv[j][2 * hr], dv[j][2 * hr + 1]);
-        red_add_v2(gp.dk_acc + base + j * 8 + 2 * c4, dk[j][2 * hr] * p.scale, dk[j][2 * hr + 1] * p.scale);
+        for (int j = 0; j < DN; ++j)
+          *reinterpret_cast<float2*>(&stage[(hr * 8 + g) * stage_pitch<D>() + j * 8 + 2 * c4]) =
+              make_float2(acc[j][2 * hr] * mul, acc[j][2 * hr + 1] * mul);
+      fence_async_shared();
+      __syncwarp();
+      if (lane < 16) {
+        const int pos = tpos[km * 16 + lane];
+        if (pos >= 0)
+          bulk_reduce_add(dst + ((static_cast<int64_t>(geo.b) * p.kv_heads + geo.h) * p.num_keys + pos) * D +
+                              dh * (D / 2),
+                          &stage[lane * stage_pitch<D>()], D / 2 * 4);
+        bulk_commit();
       }
+    };
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+      const T* as = pass == 0 ? Ps : dSs;
+      const T* bs = pass == 0 ? dOs : Qs;
+      float acc[DN][4];
+#pragma unroll
+      for (int j = 0; j < DN; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+      for (int kr = 0; kr < kRows / 16; ++kr) {
+        uint32_t a[4];
+        const int pr = kr * 16 + (lane & 7) + ((lane >> 4) << 3), pc = km * 16 + ((lane >> 3) & 1) * 8;
+        ldmatrix_x4_trans(a, &as[swz<kBC>(pr, pc)]);
+#pragma unroll
+        for (int np = 0; np < DN / 2; ++np) {
+          uint32_t b[4];
+          const int br = kr * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, bc = dh * (D / 2) + np * 16 + (lane >> 4) * 8;
+          ldmatrix_x4_trans(b, &bs[swz<D>(br, bc)]);
+          Mma<T>::mma(acc[2 * np], a, b[0], b[1]);
+          Mma<T>::mma(acc[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+      flush(acc, pass == 0 ? 1.f : p.scale, pass == 0 ? gp.dv_acc : gp.dk_acc);
     }
   }
+  if (lane < 16) bulk_wait();  // the last rows are added before the CTA's shared memory goes
 
   __syncthreads();  // every warp is done reading Q before it is reused to stage dQ
   const int lr0 = warp * 16 + g;
@@ -299,8 +319,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 template <typename T, int D>
 void launch_bwd(const AttnParams& p, const BwdParams& g, cudaStream_t stream) {
   constexpr size_t smem = bwd_smem_bytes<D>();
-  cudaFuncSetAttribute(bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const dim3 grid(p.num_blocks * p.row_chunks, p.batch * p.kv_heads);
+  cudaFuncSetAttribute(bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, g);
 }
 
