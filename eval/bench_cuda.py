@@ -3,6 +3,7 @@ same SparseK mask as a mask_mod.
 
     python -m eval.bench --device cuda            # or: python -m eval.bench_cuda [--json PATH]
     python -m eval.bench_cuda --ncu-fwd 131072    # one forward, for `ncu --clock-control none`
+    python -m eval.bench_cuda --ncu-bwd 32768     # one forward+backward, for ncu on the bwd kernel
 
 Shape (issue 3): B=1, Hq=32, Hkv=8, D=128, bf16, budget=2048, window=512, sinks=4, block_q=64;
 forward at N in {8192, 32768, 131072}, forward+backward at 32768. SparseK's time includes its
@@ -207,13 +208,16 @@ def main(args=None) -> None:
         parser.add_argument("--impls", nargs="*", default=["sparsek", "sdpa_cudnn", "sdpa_flash", "flex_sparsek"])
         parser.add_argument("--reps", type=int, default=10)
         parser.add_argument("--ncu-fwd", type=int, default=0, help="run one SparseK forward at this N and exit")
+        parser.add_argument("--ncu-bwd", type=int, default=0, help="run one SparseK forward+backward at this N and exit")
         json_default = getattr(args, "json", None)
         args, _ = parser.parse_known_args(None if args is None else [])
         args.json = args.json or json_default
-    if args.ncu_fwd:
-        q, k, v, u = make_inputs(args.ncu_fwd, False, seed=0)
+    if args.ncu_fwd or args.ncu_bwd:
+        backward = bool(args.ncu_bwd)
+        q, k, v, u = make_inputs(args.ncu_bwd or args.ncu_fwd, backward, seed=0)
+        run = sparsek_fn(q, k, v, u, backward)
         for _ in range(2):
-            sparsek_fn(q, k, v, u, False)()
+            run()
         torch.cuda.synchronize()
         return
     name = torch.cuda.get_device_name()

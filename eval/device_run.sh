@@ -82,12 +82,14 @@ fi
 if has bench; then
   timeout 540 $PY -m eval.bench_cuda --json "$OUT/bench_cuda.json" ${BENCH_ARGS:-} 2>&1 | tail -40
 fi
-if has ncu; then
-  timeout 240 ncu --clock-control none -k regex:fwd_kernel -s 1 -c 1 --section SpeedOfLight --section Occupancy \
-    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats \
-    --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_hmma.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
-    $PY -m eval.bench_cuda --ncu-fwd ${NCU_N:-131072} >"$OUT/ncu_fwd.txt" 2>&1
-  echo "ncu rc=$?"; grep -E "Duration|Tensor|hmma|DRAM Throughput|dram__|Achieved Occupancy|warps_active|Registers|Compute \(SM\)|Memory Throughput|bank" "$OUT/ncu_fwd.txt" | head -30
+if has ncu; then  # NCU_KERNEL=bwd_kernel profiles the backward at NCU_N (default 32768) instead
+  NCU_KERNEL=${NCU_KERNEL:-fwd_kernel}
+  if [ "$NCU_KERNEL" = bwd_kernel ]; then NCU_RUN="--ncu-bwd ${NCU_N:-32768}"; else NCU_RUN="--ncu-fwd ${NCU_N:-131072}"; fi
+  timeout 240 ncu --clock-control none -k regex:$NCU_KERNEL -s 1 -c 1 --section SpeedOfLight --section Occupancy \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats ${NCU_SECTIONS:-} \
+    --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_hmma.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum${NCU_METRICS:+,$NCU_METRICS} \
+    $PY -m eval.bench_cuda $NCU_RUN >"$OUT/ncu_${NCU_KERNEL%_kernel}.txt" 2>&1
+  echo "ncu rc=$?"; grep -E "Duration|Tensor|hmma|DRAM Throughput|dram__|Achieved Occupancy|warps_active|Registers|Compute \(SM\)|Memory Throughput|bank|lts__|Stall|Issued" "$OUT/ncu_${NCU_KERNEL%_kernel}.txt" | head -${NCU_LINES:-30}
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
