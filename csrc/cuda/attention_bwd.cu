@@ -319,8 +319,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 template <typename T, int D>
 void launch_bwd(const AttnParams& p, const BwdParams& g, cudaStream_t stream) {
   constexpr size_t smem = bwd_smem_bytes<D>();
-  const dim3 grid(p.num_blocks * p.row_chunks, p.batch * p.kv_heads);
   cudaFuncSetAttribute(bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const dim3 grid(p.num_blocks * p.row_chunks, p.batch * p.kv_heads);
   bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, g);
 }
 

@@ -114,8 +114,6 @@ __global__ void by_blk_kernel(const SelectParams p, const SelectScratch s) {
   s.by_blk[base + i] = static_cast<int>(k >> 44) * p.tile + static_cast<int>(k & 0xFFFFF);
 }
 
-// Columns X0.. of the tables, one CTA for a few tiles: for every block t, the number of a tile's
-// ranks with blk <= t and the sum of their (score - shift). The tile's ranks sorted by blk
 // Step 3 without a global sort, for tiles of up to 4096 ranks: one CTA sorts one tile's ranks by
 // blk (a stable block radix sort on the blk bits only; blk >= T, never a candidate, all sort last
 // as T) and writes by_blk directly. Keys pack blk above the rank's bits in the tile.
@@ -144,6 +142,8 @@ __global__ void __launch_bounds__(THREADS) by_blk_sort_kernel(const SelectParams
   }
 }
 
+// Columns X0.. of the tables, one CTA for a few tiles: for every block t, the number of a tile's
+// ranks with blk <= t and the sum of their (score - shift). The tile's ranks sorted by blk
 // (by_blk) make that a binary search and a prefix sum; neighbouring threads write neighbouring
 // tiles of one t (coalesced). The caller then sums the columns over tiles.
 constexpr int kTableThreads = 256;
