@@ -534,13 +534,19 @@ __global__ void fix_nfrac_kernel(const SelectParams p, const SelectScratch s, co
   if (lane == 0) nfrac[bt] = nf;
 }
 
+// Bits that hold every value in [0, max_value] (0 for max_value = 0): the widths of the sort keys.
+int bits_for(int64_t max_value) {
+  int b = 0;
+  while (b < 63 && (int64_t(1) << b) <= max_value) ++b;
+  return b;
+}
+
 }  // namespace
 
 bool select_sort_gates(const SelectParams& p, const double* tau, int32_t* idx, float* gate, const int32_t* count,
                        cudaStream_t stream) {
   if (p.rows == 0 || p.num_blocks == 0) return true;
-  int end_bit = 1;
-  while (end_bit < 31 && (1ll << end_bit) <= p.num_keys) ++end_bit;
+  const int end_bit = std::max(1, bits_for(p.num_keys));  // padding is num_keys
   const dim3 grid(p.num_blocks, p.rows);
   if (p.width <= 1024)
     sort_gates_kernel<128, 8><<<grid, 128, 0, stream>>>(p, tau, idx, gate, count, end_bit);
@@ -561,9 +567,7 @@ void select_fix_nfrac(const SelectParams& p, const SelectScratch& s, const doubl
 }
 
 int packed_position_bits(int rows, int num_keys) {
-  int rb = 0, b = 1;
-  while ((1ll << rb) < rows) ++rb;
-  while (b < 31 && (1ll << b) < num_keys) ++b;
+  const int rb = bits_for(rows - 1), b = std::max(1, bits_for(num_keys - 1));
   if (rb + 32 + b > 64 || static_cast<int64_t>(rows) * num_keys >= (int64_t(1) << 31)) return 0;
   return b;
 }
@@ -578,9 +582,7 @@ size_t select_sort_temp_bytes(const SelectParams& p) {
 
 void select_sort_packed(const SelectParams& p, void* temp, size_t temp_bytes, const int64_t* keys_in,
                         int64_t* keys_out, cudaStream_t stream) {
-  int rb = 0;
-  while ((1ll << rb) < p.rows) ++rb;
-  const int end_bit = rb + 32 + p.packed_position_bits;
+  const int end_bit = bits_for(p.rows - 1) + 32 + p.packed_position_bits;
   cub::DeviceRadixSort::SortKeys(temp, temp_bytes, reinterpret_cast<const uint64_t*>(keys_in),
                                  reinterpret_cast<uint64_t*>(keys_out), p.rows * p.num_keys, 0, end_bit, stream);
 }
@@ -602,9 +604,7 @@ void select_by_blk(const SelectParams& p, const SelectScratch& s, cudaStream_t s
 
 bool select_by_blk_sorted(const SelectParams& p, const SelectScratch& s, cudaStream_t stream) {
   if (p.rows == 0 || p.num_keys == 0) return true;
-  int local_bits = 0, blk_bits = 1;
-  while ((1 << local_bits) < p.tile) ++local_bits;
-  while (blk_bits < 31 && (1ll << blk_bits) <= p.num_blocks) ++blk_bits;
+  const int local_bits = bits_for(p.tile - 1), blk_bits = std::max(1, bits_for(p.num_blocks));
   if (p.tile > 4096 || local_bits + blk_bits > 32) return false;
   const dim3 grid(p.num_tiles, p.rows);
   const int end_bit = local_bits + blk_bits;
