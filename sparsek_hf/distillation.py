@@ -52,26 +52,27 @@ class EndToEndReport:
     steps: int
 
 
+def _log_probs(model: nn.Module, ids: torch.Tensor, first: int, device: torch.device) -> torch.Tensor:
+    """The model's next-token log-probabilities at the selective rows of one window ([N - first, vocab], float32)."""
+    logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0, first - 1 : -1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
 def _dense_log_probs(model: nn.Module, windows: list[torch.Tensor], first: int) -> list[torch.Tensor]:
-    """Dense log-probabilities of the selective rows of each window ([N - first, vocab], float32)."""
+    """Dense log-probabilities of the selective rows of each window."""
     previous = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
     device = next(model.parameters()).device
-    out = []
     try:
         with torch.no_grad():
-            for ids in windows:
-                logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0, first - 1 : -1]
-                out.append(torch.log_softmax(logits.float(), dim=-1))
+            return [_log_probs(model, ids, first, device) for ids in windows]
     finally:
         model.set_attn_implementation(previous)
-    return out
 
 
 def _kl(model: nn.Module, ids: torch.Tensor, teacher: torch.Tensor, first: int) -> torch.Tensor:
     """Mean KL(teacher || SparseK model) over the selective rows of one window."""
-    logits = model(input_ids=ids[None].to(teacher.device), use_cache=False).logits[0, first - 1 : -1]
-    student = torch.log_softmax(logits.float(), dim=-1)
+    student = _log_probs(model, ids, first, teacher.device)
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
