@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None) -> dict[int, CalibrationReport]:
     from accelerate import Accelerator
 
     from .distillation import EndToEndOptions, distill_end_to_end
-    from .evaluation import SCORER_FILE_PATTERN, _load, _read_scorers, load_text, split_tokens
+    from .evaluation import SCORER_FILE_PATTERN, _load, _read_scorers, end_processes, load_text, split_tokens
     from .scorer import save_scorers
 
     parser = build_parser()
@@ -772,6 +772,7 @@ def main(argv: list[str] | None = None) -> dict[int, CalibrationReport]:
     if a.report and accelerator.is_main_process:
         with open(a.report, "w") as f:
             json.dump({"model": name, "ctx": a.ctx, "budgets": {str(k): v for k, v in summary.items()}}, f, indent=1)
+    end_processes(accelerator)
     return reports
 
 

@@ -498,6 +498,17 @@ def _load(a: argparse.Namespace, device: torch.device):
     return model.eval(), tokenizer, name
 
 
+def end_processes(accelerator) -> None:
+    """Wait for every process, then tear the process group down while the interpreter is whole.
+
+    Without it a gloo rank that leaves first can abort in interpreter finalisation ("terminate called without an
+    active exception") when its worker threads drop tensors after Python is gone.
+    """
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """``python -m eval.perplexity`` / ``sparsek-perplexity``: prints the table, returns the results."""
     from accelerate import Accelerator
@@ -589,6 +600,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if a.plot:
             plot_results(results, a.plot, f"{name.split(' ')[0]}, ctx {a.ctx}, W={a.window}, S={a.sinks}, "
                          f"block_q={a.block_q}, {eval_ids.numel()} tokens")
+    end_processes(accelerator)
     return results
 
 
