@@ -266,6 +266,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _RecordingAccelerator:
+    def __init__(self, num_processes: int):
+        self.num_processes, self.calls = num_processes, []
+
+    def wait_for_everyone(self):
+        self.calls.append("wait")
+
+    def end_training(self):
+        self.calls.append("end")
+
+
+@pytest.mark.parametrize("processes, calls", [(1, ["end"]), (2, ["wait", "end"])])
+def test_end_processes_waits_for_every_rank_then_destroys_the_group(processes, calls):
+    """A rank that left without destroying its gloo group aborted in interpreter finalisation (SIGABRT)."""
+    accelerator = _RecordingAccelerator(processes)
+    evaluation.end_processes(accelerator)
+    assert accelerator.calls == calls
+
+
 @pytest.mark.timeout(300)
 def test_two_processes_under_accelerate_give_the_one_process_results(tiny_dir, tmp_path):
     """Eval windows and calibration windows split over 2 CPU processes (gloo); results gathered."""
