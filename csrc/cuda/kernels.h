@@ -44,8 +44,8 @@ int packed_position_bits(int rows, int num_keys);
 size_t select_sort_temp_bytes(const SelectParams& p);
 void select_sort_packed(const SelectParams& p, void* temp, size_t temp_bytes, const int64_t* keys_in,
                         int64_t* keys_out, cudaStream_t stream);
-// Step 1: sort keys. Step 2 (after the caller sorts sort_keys descending along the last dim):
-// decode into the rank-order arrays and the tile keys.
+// Step 1: sort keys. Step 2 (after the caller sorts sort_keys: packed keys with select_sort_packed,
+// plain ones descending along the last dim): decode into the rank-order arrays and the tile keys.
 void select_prepare(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
 void select_decode(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
 // Step 3 (after sorting tile_keys ascending): by_blk.
