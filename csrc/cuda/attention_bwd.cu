@@ -1,60 +1,84 @@
-// SparseK attention backward on tensor cores (mma.sync m16n8k16, fp32 accumulate).
+// SparseK attention backward on Hopper tensor cores (wgmma, fp32 accumulate).
 //
-// One CTA = one (batch, kv head, query block) and up to 128 query rows of the GQA group (8 warps
-// of 16 rows). For each gathered tile of 64 keys:
-//   S = Q K^T, dP = dO V^T                      (per warp, 16 rows x 64 keys, in registers)
-//   P = exp2(S*scale*log2e - lse2) * gate,  dS = P_raw (dP - delta) * gate
+// One CTA = one (batch, kv head, query block) and up to 128 * RB query rows of the GQA group: two
+// warpgroups of RB row blocks of 64 rows. RB = 2 when the block has more than 128 rows (the group
+// of four heads of the benchmark): dK / dV are then added once per block instead of twice, and
+// those adds bound the kernel. For each gathered tile of 32 keys, each warpgroup, per row block:
+//   S = Q K^T, dP = dO V^T                      wgmma m64n32, Q / dO / K / V in shared memory
+//   P = exp2(S*scale*log2e - lse2) * gate,  dS = P_raw (dP - delta) * gate       (registers)
 //   dgate[slot] += sum over rows of P_raw (dP - delta)        (selected keys only)
-//   dQ += dS K                                  (registers, one write at the end)
-//   dV += P^T dO, dK += dS^T Q                  (P, dS staged in shared memory; each warp one
-//                                                16-key x D/2 block, staged in fp32 and added to
-//                                                the global dk/dv buffers (a key is shared by many
-//                                                query blocks) by bulk reductions, one per key row)
-// d scores from dgate run afterwards (scores_grad_* below), like scores_grad_cpu.
+//   dQ += dS K                                  wgmma m64nD, dS from registers (one write at the end)
+// then, over all rows of the CTA (P and dS staged in shared memory, one barrier):
+//   warpgroup 0: dV^T = dO^T P, warpgroup 1: dK^T = Q^T dS    wgmma m64n32 per 64 head dims
+// and the products go to the global fp32 dk / dv buffers as reductions (a key is shared by many
+// query blocks). Registers (dQ of RB row blocks) and shared memory are what keep the tile at 32 keys.
+// Q, dO, K and V tiles are D/64 panels of rows x 64 elements with wgmma's 128-byte swizzle; P and
+// dS rows of 32 keys with the 64-byte swizzle. d scores from dgate run afterwards
+// (scores_grad_* below), like scores_grad_cpu.
 #include "block_keys.cuh"
+#include "wgmma.cuh"
 
 namespace sparsek_cuda {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kRows = kWarps * 16;
-constexpr int kBC = 64;
 constexpr int kMeta = 2048;
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kTK = 32;         // keys per tile
 
-// dK / dV staging of one warp: its 16 keys x D/2 head dims in fp32, rows padded by 8 floats so the
-// fragment stores of rows r and r+4 are the only ones to share banks.
-template <int D>
-constexpr int stage_pitch() { return D / 2 + 8; }
-
-template <int D>
-constexpr size_t bwd_smem_bytes() {
-  // Q, dO [kRows][D]; K, V [2][kBC][D]; P, dS [kRows][kBC]; lse2, delta [kRows]; metadata;
-  // per-stage bias, gate and position of the tile's keys.
-  return static_cast<size_t>(2 * kRows * D + 4 * kBC * D + 2 * kRows * kBC) * 2 + 2 * kRows * 4 + kMeta * 8 +
-         2 * kBC * 12 + kWarps * 16 * stage_pitch<D>() * 4;
+// Element offset of (row, col) in a tile of R rows: col / 64 picks the panel, the 16-byte chunk
+// is xor-ed by row % 8 (the 128-byte swizzle, tiles 1024-byte aligned).
+template <int R>
+__device__ __forceinline__ int sw128(int row, int col) {
+  return (col >> 6) * (R * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
+}
+// Rows of 32 elements (64 bytes), the 16-byte chunk xor-ed by (row / 2) % 4: the 64-byte swizzle.
+__device__ __forceinline__ int sw64(int row, int col) {
+  return row * 32 + ((((col >> 3) & 3) ^ ((row >> 1) & 3)) << 3) + (col & 7);
 }
 
-template <typename T, int D>
+template <int D, int RB>
+constexpr size_t bwd_smem_bytes() {
+  constexpr int R = 128 * RB;
+  // Q, dO [R][D]; K, V [2][kTK][D]; P, dS (all 1024-byte multiples); lse2, delta [R]; metadata;
+  // per-stage bias, gate and position; per-warp dgate sums; 1024 bytes to align the base.
+  return static_cast<size_t>(2 * R * D + 4 * kTK * D + 2 * R * kTK) * 2 + 2 * R * 4 + kMeta * 8 +
+         2 * kTK * 12 + 8 * kTK * 4 + 1024;
+}
+
+// Keeps the compiler from moving reads or writes of wgmma accumulators across a wait or fence.
+template <int N>
+__device__ __forceinline__ void pin(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+__device__ __forceinline__ void red_add(float* dst, float a) {
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(dst), "f"(a) : "memory");
+}
+
+template <typename T, int D, int RB>
 __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, const BwdParams gp) {
+  constexpr int R = 128 * RB;  // rows of the CTA
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* Qs = reinterpret_cast<T*>(smem_raw);
-  T* dOs = Qs + kRows * D;
-  T* Ks = dOs + kRows * D;
-  T* Vs = Ks + 2 * kBC * D;
-  T* Ps = Vs + 2 * kBC * D;
-  T* dSs = Ps + kRows * kBC;
-  float* lse_s = reinterpret_cast<float*>(dSs + kRows * kBC);
-  float* delta_s = lse_s + kRows;
-  int* meta_pos = reinterpret_cast<int*>(delta_s + kRows);
+  unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  T* Qs = reinterpret_cast<T*>(base);
+  T* dOs = Qs + R * D;
+  T* Ks = dOs + R * D;
+  T* Vs = Ks + 2 * kTK * D;
+  T* Ps = Vs + 2 * kTK * D;
+  T* dSs = Ps + R * kTK;
+  float* lse_s = reinterpret_cast<float*>(dSs + R * kTK);
+  float* delta_s = lse_s + R;
+  int* meta_pos = reinterpret_cast<int*>(delta_s + R);
   float* meta_bias = reinterpret_cast<float*>(meta_pos + kMeta);
-  float* tile_bias = meta_bias + kMeta;            // [2][kBC] log2 gate
-  float* tile_gate = tile_bias + 2 * kBC;          // [2][kBC] gate (0 for masked keys)
-  int* tile_pos = reinterpret_cast<int*>(tile_gate + 2 * kBC);  // [2][kBC]
-  float* stage = reinterpret_cast<float*>(tile_pos + 2 * kBC) + (threadIdx.x >> 5) * 16 * stage_pitch<D>();
+  float* tile_bias = meta_bias + kMeta;                         // [2][kTK] log2 gate
+  float* tile_gate = tile_bias + 2 * kTK;                       // [2][kTK] gate (0 for masked keys)
+  int* tile_pos = reinterpret_cast<int*>(tile_gate + 2 * kTK);  // [2][kTK]
+  float* tile_dg = reinterpret_cast<float*>(tile_pos + 2 * kTK);  // [warps][kTK] dgate sums
 
   constexpr int CH = D / 8;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = tid >> 7, wq = warp & 3;  // warpgroup, warp within it
   const int row = blockIdx.y;
   const int chunk = blockIdx.x % p.row_chunks;
   const int t = blockIdx.x / p.row_chunks;
@@ -62,10 +86,10 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   BlockGeo geo;
   geo.init(p, row, t);
   const int rows_total = p.group * geo.nr;
-  const int row_begin = chunk * kRows;
+  const int row_begin = chunk * R;
   if (row_begin >= rows_total) return;
-  const int rows_here = min(kRows, rows_total - row_begin);
-  const int tiles = (geo.L + kBC - 1) / kBC;
+  const int rows_here = min(R, rows_total - row_begin);
+  const int tiles = (geo.L + kTK - 1) / kTK;
 
   const T* qg = static_cast<const T*>(p.q);
   const T* dog = static_cast<const T*>(gp.dout);
@@ -74,15 +98,15 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   const int64_t dout_stride[3] = {static_cast<int64_t>(p.q_heads) * p.num_queries * D,
                                   static_cast<int64_t>(p.num_queries) * D, D};
 
-  for (int i = tid; i < kRows * CH; i += kThreads) {
+  for (int i = tid; i < R * CH; i += kThreads) {
     const int r = i / CH, c = i % CH;
     const bool ok = r < rows_here;
     const T* qs = ok ? qg + geo.q_offset(p, row_begin + r, p.q_stride) + c * 8 : qg;
     const T* ds = ok ? dog + geo.q_offset(p, row_begin + r, dout_stride) + c * 8 : dog;
-    cp_async16(&Qs[swz<D>(r, c * 8)], qs, ok ? 16 : 0);
-    cp_async16(&dOs[swz<D>(r, c * 8)], ds, ok ? 16 : 0);
+    cp_async16(&Qs[sw128<R>(r, c * 8)], qs, ok ? 16 : 0);
+    cp_async16(&dOs[sw128<R>(r, c * 8)], ds, ok ? 16 : 0);
   }
-  for (int r = tid; r < kRows; r += kThreads) {
+  for (int r = tid; r < R; r += kThreads) {
     float lse2 = INFINITY, delta = 0.f;  // padding rows and rows with no key: P = 0
     if (r < rows_here) {
       const int64_t ri = geo.row_index(p, row_begin + r);
@@ -95,17 +119,16 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   }
 
   int meta_base = 0;
-  auto load_meta = [&](int base) {
-    geo.load_keys(p, base, tiles * kBC, kMeta, meta_pos, meta_bias, tid, kThreads);
-  };
+  auto load_meta = [&](int b0) { geo.load_keys(p, b0, tiles * kTK, kMeta, meta_pos, meta_bias, tid, kThreads); };
   auto issue_tile = [&](int n, int st) {
-    gather_kv_tile<T, D, kBC>(kg, vg, p.k_stride[2], p.v_stride[2], meta_pos + n * kBC - meta_base,
-                              Ks + st * kBC * D, Vs + st * kBC * D, tid, kThreads);
-    if (tid < kBC) {
-      const float b2 = meta_bias[n * kBC + tid - meta_base];
-      tile_bias[st * kBC + tid] = b2;
-      tile_gate[st * kBC + tid] = exp2f(b2);
-      tile_pos[st * kBC + tid] = b2 == -INFINITY ? -1 : meta_pos[n * kBC + tid - meta_base];
+    gather_kv_tile<T, D, kTK>(kg, vg, p.k_stride[2], p.v_stride[2], meta_pos + n * kTK - meta_base,
+                              Ks + st * kTK * D, Vs + st * kTK * D, tid, kThreads,
+                              [](int r, int c) { return sw128<kTK>(r, c); });
+    if (tid < kTK) {
+      const float b2 = meta_bias[n * kTK + tid - meta_base];
+      tile_bias[st * kTK + tid] = b2;
+      tile_gate[st * kTK + tid] = exp2f(b2);
+      tile_pos[st * kTK + tid] = b2 == -INFINITY ? -1 : meta_pos[n * kTK + tid - meta_base];
     }
     cp_async_commit();
   };
@@ -122,206 +145,220 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   const int g = lane >> 2, c4 = lane & 3;
   const bool want_dgate = gp.dgate != nullptr;
   const int64_t dgate_base = (static_cast<int64_t>(row) * p.num_blocks + t) * p.width - geo.n_sink;
-  int lim[2];
+  int lim[RB][2];
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int lr = warp * 16 + hr * 8 + g;
-    lim[hr] = lr < rows_here ? geo.position(row_begin + lr) - geo.wb + geo.wstart : 0x3fffffff;
-  }
-  // This warp's block of the dK/dV tile: keys km*16.., head dims dh*D/2..
-  const int km = warp & 3, dh = warp >> 2;
-  constexpr int DN = D / 2 / 8;  // n8 tiles of the half head dim
+  for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int lr = (wg * RB + rb) * 64 + wq * 16 + hr * 8 + g;
+      lim[rb][hr] = lr < rows_here ? geo.position(row_begin + lr) - geo.wb + geo.wstart : 0x3fffffff;
+    }
 
-  float dq[D / 8][4];
+  // Shared-memory byte addresses of the operands (descriptors are built per k-step from them).
+  const uint32_t q_addr = smem_addr(Qs), do_addr = smem_addr(dOs), k_addr = smem_addr(Ks), v_addr = smem_addr(Vs);
+  const uint32_t p_addr = smem_addr(Ps), ds_addr = smem_addr(dSs);
+  constexpr uint32_t kRowPanel = R * 128, kKeyPanel = kTK * 128;  // bytes of one 64-column panel
+
+  float dq[RB][D / 2];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j)
+  for (int rb = 0; rb < RB; ++rb)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dq[j][e] = 0.f;
+    for (int i = 0; i < D / 2; ++i) dq[rb][i] = 0.f;
 
   for (int n = 0; n < tiles; ++n) {
     const int st = n & 1;
     cp_async_wait_all();
+    fence_async_shared();  // cp.async wrote the tiles through the generic proxy; wgmma reads async
     __syncthreads();
-    if (n + 1 < tiles) {
-      if ((n + 2) * kBC - meta_base > kMeta) {
-        meta_base = (n + 1) * kBC;
-        load_meta(meta_base);
-        __syncthreads();
-      }
-      issue_tile(n + 1, st ^ 1);
-    }
-    const T* kt = Ks + st * kBC * D;
-    const T* vt = Vs + st * kBC * D;
-    const float* bias = tile_bias + st * kBC;
-    const float* gate = tile_gate + st * kBC;
-    const int last_key = min((n + 1) * kBC, geo.L) - 1;
+    const uint32_t kt = k_addr + st * kTK * D * 2, vt = v_addr + st * kTK * D * 2;
+    const float* bias = tile_bias + st * kTK;
+    const float* gate = tile_gate + st * kTK;
+    const int last_key = min((n + 1) * kTK, geo.L) - 1;
     const bool need_mask = last_key >= geo.wstart && geo.wb + (last_key - geo.wstart) > geo.first_pos;
-    const bool tile_has_sel = want_dgate && n * kBC < geo.wstart && (n + 1) * kBC > geo.n_sink;
+    const bool tile_has_sel = want_dgate && n * kTK < geo.wstart && (n + 1) * kTK > geo.n_sink;
 
-    float s[kBC / 8][4], dp[kBC / 8][4];
+    float col[kTK / 8][2];
 #pragma unroll
-    for (int j = 0; j < kBC / 8; ++j)
+    for (int j = 0; j < kTK / 8; ++j) col[j][0] = col[j][1] = 0.f;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+    for (int rb = 0; rb < RB; ++rb) {
+      const int row0 = (wg * RB + rb) * 64;  // first row of this row block
+      const int wrow = row0 + wq * 16;       // first row of this warp
+      // S = Q K^T and dP = dO V^T: both operands K-major; a k-step of 16 is 32 bytes into a panel.
+      float s[kTK / 2], dp[kTK / 2];
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t aq[4], ad[4];
-      ldmatrix_x4(aq, &Qs[swz<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8)]);
-      ldmatrix_x4(ad, &dOs[swz<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8)]);
-#pragma unroll
-      for (int np = 0; np < kBC / 16; ++np) {
-        uint32_t bk[4], bv[4];
-        const int kr = np * 16 + (lane & 7) + ((lane >> 4) << 3), kc = kk * 16 + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4(bk, &kt[swz<D>(kr, kc)]);
-        ldmatrix_x4(bv, &vt[swz<D>(kr, kc)]);
-        Mma<T>::mma(s[2 * np], aq, bk[0], bk[1]);
-        Mma<T>::mma(s[2 * np + 1], aq, bk[2], bk[3]);
-        Mma<T>::mma(dp[2 * np], ad, bv[0], bv[1]);
-        Mma<T>::mma(dp[2 * np + 1], ad, bv[2], bv[3]);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t off = (kk >> 2) * kRowPanel + row0 * 128 + (kk & 3) * 32;
+        const uint32_t koff = (kk >> 2) * kKeyPanel + (kk & 3) * 32;
+        Wgmma<T, kTK>::template ss<0, 0>(s, wgmma_desc(q_addr + off, 16, 1024), wgmma_desc(kt + koff, 16, 1024), kk);
       }
-    }
-
-    // s <- P (gated), dp <- dS (gated); colsum of the ungated dS for dgate.
-    float col[kBC / 8][2];
+      wgmma_commit();
 #pragma unroll
-    for (int j = 0; j < kBC / 8; ++j) col[j][0] = col[j][1] = 0.f;
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint32_t off = (kk >> 2) * kRowPanel + row0 * 128 + (kk & 3) * 32;
+        const uint32_t koff = (kk >> 2) * kKeyPanel + (kk & 3) * 32;
+        Wgmma<T, kTK>::template ss<0, 0>(dp, wgmma_desc(do_addr + off, 16, 1024), wgmma_desc(vt + koff, 16, 1024), kk);
+      }
+      wgmma_commit();
+      if (rb == 0 && n + 1 < tiles) {  // the next tile's gather goes out while the tensor cores work
+        if ((n + 2) * kTK - meta_base > kMeta) {
+          meta_base = (n + 1) * kTK;
+          load_meta(meta_base);
+          __syncthreads();
+        }
+        issue_tile(n + 1, st ^ 1);
+      }
+      wgmma_wait<1>();
+      pin(s);
+      // s <- P (gated); then dp <- dS (gated); colsum of the ungated dS for dgate.
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int lr = warp * 16 + hr * 8 + g;
-      const float lse2 = lse_s[lr], delta = delta_s[lr];
-      const int limit = lim[hr] - n * kBC;
+      for (int hr = 0; hr < 2; ++hr) {
+        const float lse2 = lse_s[wrow + hr * 8 + g];
+        const int limit = lim[rb][hr] - n * kTK;
 #pragma unroll
-      for (int j = 0; j < kBC / 8; ++j) {
+        for (int j = 0; j < kTK / 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int kc = j * 8 + 2 * c4 + e;
-          const bool masked = bias[kc] == -INFINITY || (need_mask && kc > limit);
-          const float praw = masked ? 0.f : exp2f(s[j][2 * hr + e] * scale2 - lse2);
-          const float dsraw = praw * (dp[j][2 * hr + e] - delta);
-          col[j][e] += dsraw;
-          s[j][2 * hr + e] = praw * gate[kc];
-          dp[j][2 * hr + e] = dsraw * gate[kc];
+          for (int e = 0; e < 2; ++e) {
+            const int kc = j * 8 + 2 * c4 + e;
+            const bool masked = bias[kc] == -INFINITY || (need_mask && kc > limit);
+            s[4 * j + 2 * hr + e] = masked ? 0.f : exp2f(s[4 * j + 2 * hr + e] * scale2 - lse2);
+          }
+      }
+      wgmma_wait<0>();
+      pin(dp);
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int lr = wrow + hr * 8 + g;
+        const float delta = delta_s[lr];
+#pragma unroll
+        for (int j = 0; j < kTK / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int kc = j * 8 + 2 * c4 + e;
+            const float praw = s[4 * j + 2 * hr + e];
+            const float dsraw = praw * (dp[4 * j + 2 * hr + e] - delta);
+            col[j][e] += dsraw;
+            s[4 * j + 2 * hr + e] = praw * gate[kc];
+            dp[4 * j + 2 * hr + e] = dsraw * gate[kc];
+          }
+          *reinterpret_cast<uint32_t*>(&Ps[sw64(lr, j * 8 + 2 * c4)]) = Mma<T>::pack(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]);
+          *reinterpret_cast<uint32_t*>(&dSs[sw64(lr, j * 8 + 2 * c4)]) =
+              Mma<T>::pack(dp[4 * j + 2 * hr], dp[4 * j + 2 * hr + 1]);
         }
       }
-      // Stage P and dS rows for the dK / dV products.
+      // dQ += dS K: dS from registers (the m16n8 C fragments of two key octets make one A
+      // fragment), K read MN-major: a k-step of 16 keys is two 8-row groups of 1024 bytes.
+      uint32_t a[kTK / 16][4];
 #pragma unroll
-      for (int j = 0; j < kBC / 8; ++j) {
-        *reinterpret_cast<uint32_t*>(&Ps[swz<kBC>(lr, j * 8 + 2 * c4)]) = Mma<T>::pack(s[j][2 * hr], s[j][2 * hr + 1]);
-        *reinterpret_cast<uint32_t*>(&dSs[swz<kBC>(lr, j * 8 + 2 * c4)]) =
-            Mma<T>::pack(dp[j][2 * hr], dp[j][2 * hr + 1]);
+      for (int kk = 0; kk < kTK / 16; ++kk) {
+        a[kk][0] = Mma<T>::pack(dp[8 * kk + 0], dp[8 * kk + 1]);
+        a[kk][1] = Mma<T>::pack(dp[8 * kk + 2], dp[8 * kk + 3]);
+        a[kk][2] = Mma<T>::pack(dp[8 * kk + 4], dp[8 * kk + 5]);
+        a[kk][3] = Mma<T>::pack(dp[8 * kk + 6], dp[8 * kk + 7]);
       }
-    }
-    if (tile_has_sel) {
+      wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < kBC / 8; ++j) {
+      for (int kk = 0; kk < kTK / 16; ++kk)
+        Wgmma<T, D>::template rs<1>(dq[rb], a[kk], wgmma_desc(kt + kk * 2048, kKeyPanel, 1024), 1);
+      wgmma_commit();
+    }
+
+    if (tile_has_sel) {  // column sums of the warp, staged per warp, summed after the barrier
+#pragma unroll
+      for (int j = 0; j < kTK / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float v = col[j][e];
           v += __shfl_xor_sync(0xffffffffu, v, 4);
           v += __shfl_xor_sync(0xffffffffu, v, 8);
           v += __shfl_xor_sync(0xffffffffu, v, 16);
-          const int key = n * kBC + j * 8 + 2 * c4 + e;
-          if (g == 0 && key >= geo.n_sink && key < geo.wstart) atomicAdd(&gp.dgate[dgate_base + key], v);
+          if (g == 0) tile_dg[warp * kTK + j * 8 + 2 * c4 + e] = v;
         }
       }
     }
+    fence_async_shared();
+    __syncthreads();  // P and dS of every row staged
 
-    // dQ += dS K
+    // Warpgroup 0: dV^T = dO^T P; warpgroup 1: dK^T = Q^T dS, 64 head dims (one panel) per
+    // product. The rows are the k dimension: dO / Q read MN-major (a k-step of 16 rows is 2048
+    // bytes), P / dS MN-major with the 64-byte swizzle (8-row groups of 512 bytes).
+    float acc[D / 64][kTK / 2];
+    {
+      const uint32_t a_addr = wg == 0 ? do_addr : q_addr, b_addr = wg == 0 ? p_addr : ds_addr;
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBC / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Mma<T>::pack(dp[2 * kk][0], dp[2 * kk][1]);
-      a[1] = Mma<T>::pack(dp[2 * kk][2], dp[2 * kk][3]);
-      a[2] = Mma<T>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-      a[3] = Mma<T>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+      for (int mb = 0; mb < D / 64; ++mb)
 #pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
-        uint32_t bk[4];
-        ldmatrix_x4_trans(bk, &kt[swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dn * 16 + (lane >> 4) * 8)]);
-        Mma<T>::mma(dq[2 * dn], a, bk[0], bk[1]);
-        Mma<T>::mma(dq[2 * dn + 1], a, bk[2], bk[3]);
+        for (int kr = 0; kr < R / 16; ++kr)
+          Wgmma<T, kTK>::template ss<1, 1>(acc[mb], wgmma_desc(a_addr + mb * kRowPanel + kr * 2048, kRowPanel, 1024),
+                                           wgmma_desc(b_addr + kr * 1024, 64, 512, kSwizzle64), kr);
+      wgmma_commit();
+    }
+    if (tile_has_sel && tid < kTK) {
+      const int key = n * kTK + tid;
+      if (key >= geo.n_sink && key < geo.wstart) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < kThreads / 32; ++w) v += tile_dg[w * kTK + tid];
+        atomicAdd(&gp.dgate[dgate_base + key], v);
       }
     }
-    __syncthreads();  // P and dS of every warp staged
-
-    // dV = P^T dO and dK = dS^T Q for keys km*16.. and head dims dh*D/2..
-    const int* tpos = tile_pos + st * kBC;
-    // One product at a time (half the live registers), each staged in fp32 and added to global
-    // memory row by row by the bulk-copy engine: lanes 0-15 issue one row each.
-    auto flush = [&](const float (&acc)[DN][4], float mul, float* dst) {
-      if (lane < 16) bulk_wait_read();  // this warp's previous rows have left the stage
-      __syncwarp();
+    wgmma_wait<0>();
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr)
+    for (int mb = 0; mb < D / 64; ++mb) pin(acc[mb]);
 #pragma unroll
-        for (int j = 0; j < DN; ++j)
-          *reinterpret_cast<float2*>(&stage[(hr * 8 + g) * stage_pitch<D>() + j * 8 + 2 * c4]) =
-              make_float2(acc[j][2 * hr] * mul, acc[j][2 * hr + 1] * mul);
-      fence_async_shared();
-      __syncwarp();
-      if (lane < 16) {
-        const int pos = tpos[km * 16 + lane];
-        if (pos >= 0)
-          bulk_reduce_add(dst + ((static_cast<int64_t>(geo.b) * p.kv_heads + geo.h) * p.num_keys + pos) * D +
-                              dh * (D / 2),
-                          &stage[lane * stage_pitch<D>()], D / 2 * 4);
-        bulk_commit();
-      }
-    };
+    for (int rb = 0; rb < RB; ++rb) pin(dq[rb]);
+    // dK / dV leave the SM as fp32 reductions at L2 (a key is shared by many query blocks).
+    // acc[mb][4j + e] is head dim mb*64 + wq*16 + g + 8*(e/2) of key 8j + 2*c4 + e%2.
+    const int* tpos = tile_pos + st * kTK;
+    float* dst = (wg == 0 ? gp.dv_acc : gp.dk_acc) + (static_cast<int64_t>(geo.b) * p.kv_heads + geo.h) * p.num_keys * D;
+    const float mul = wg == 0 ? 1.f : p.scale;
 #pragma unroll
-    for (int pass = 0; pass < 2; ++pass) {
-      const T* as = pass == 0 ? Ps : dSs;
-      const T* bs = pass == 0 ? dOs : Qs;
-      float acc[DN][4];
+    for (int j = 0; j < kTK / 8; ++j)
 #pragma unroll
-      for (int j = 0; j < DN; ++j)
+      for (int e1 = 0; e1 < 2; ++e1) {
+        const int pos = tpos[8 * j + 2 * c4 + e1];
+        if (pos >= 0) {
+          float* rowp = dst + static_cast<int64_t>(pos) * D + wq * 16 + g;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+          for (int mb = 0; mb < D / 64; ++mb)
 #pragma unroll
-      for (int kr = 0; kr < kRows / 16; ++kr) {
-        uint32_t a[4];
-        const int pr = kr * 16 + (lane & 7) + ((lane >> 4) << 3), pc = km * 16 + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4_trans(a, &as[swz<kBC>(pr, pc)]);
-#pragma unroll
-        for (int np = 0; np < DN / 2; ++np) {
-          uint32_t b[4];
-          const int br = kr * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, bc = dh * (D / 2) + np * 16 + (lane >> 4) * 8;
-          ldmatrix_x4_trans(b, &bs[swz<D>(br, bc)]);
-          Mma<T>::mma(acc[2 * np], a, b[0], b[1]);
-          Mma<T>::mma(acc[2 * np + 1], a, b[2], b[3]);
+            for (int e2 = 0; e2 < 2; ++e2) red_add(rowp + mb * 64 + 8 * e2, acc[mb][4 * j + 2 * e2 + e1] * mul);
         }
       }
-      flush(acc, pass == 0 ? 1.f : p.scale, pass == 0 ? gp.dv_acc : gp.dk_acc);
-    }
   }
-  if (lane < 16) bulk_wait();  // the last rows are added before the CTA's shared memory goes
 
-  __syncthreads();  // every warp is done reading Q before it is reused to stage dQ
-  const int lr0 = warp * 16 + g;
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-      *reinterpret_cast<uint32_t*>(&Qs[swz<D>(lr0 + hr * 8, j * 8 + 2 * c4)]) =
-          Mma<T>::pack(dq[j][2 * hr] * p.scale, dq[j][2 * hr + 1] * p.scale);
-  __syncwarp();
   T* dqg = static_cast<T*>(gp.dq);
-  for (int i = lane; i < 16 * CH; i += 32) {
-    const int r = i / CH, c = i % CH;
-    const int lr = warp * 16 + r;
-    if (lr < rows_here) {
-      const int64_t ri = geo.row_index(p, row_begin + lr);
-      *reinterpret_cast<uint4*>(dqg + ri * D + c * 8) = *reinterpret_cast<const uint4*>(&Qs[swz<D>(lr, c * 8)]);
+#pragma unroll
+  for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int lr = (wg * RB + rb) * 64 + wq * 16 + hr * 8 + g;
+      if (lr < rows_here) {
+        T* rowp = dqg + geo.row_index(p, row_begin + lr) * D + 2 * c4;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+          *reinterpret_cast<uint32_t*>(rowp + j * 8) =
+              Mma<T>::pack(dq[rb][4 * j + 2 * hr] * p.scale, dq[rb][4 * j + 2 * hr + 1] * p.scale);
+      }
     }
-  }
+}
+
+template <typename T, int D, int RB>
+void launch_bwd_rows(const AttnParams& p, const BwdParams& g, cudaStream_t stream) {
+  constexpr size_t smem = bwd_smem_bytes<D, RB>();
+  cudaFuncSetAttribute(bwd_kernel<T, D, RB>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const dim3 grid(p.num_blocks * p.row_chunks, p.batch * p.kv_heads);
+  bwd_kernel<T, D, RB><<<grid, kThreads, smem, stream>>>(p, g);
 }
 
 template <typename T, int D>
 void launch_bwd(const AttnParams& p, const BwdParams& g, cudaStream_t stream) {
-  constexpr size_t smem = bwd_smem_bytes<D>();
-  cudaFuncSetAttribute(bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  const dim3 grid(p.num_blocks * p.row_chunks, p.batch * p.kv_heads);
-  bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, g);
+  if (bwd_rows_per_cta(static_cast<int64_t>(p.group) * min(p.block_q, p.num_queries)) == 256)
+    launch_bwd_rows<T, D, 2>(p, g, stream);
+  else
+    launch_bwd_rows<T, D, 1>(p, g, stream);
 }
 
 // ---- d scores -------------------------------------------------------------------------------
@@ -424,7 +461,8 @@ void row_dot(const void* dout, const void* out, float* delta, int64_t rows, int 
                                                     delta, rows, head_dim);
 }
 
-int bwd_rows_per_cta() { return kRows; }
+// Rows per CTA: the whole group of a block when it has more than 128 rows (half the dK / dV adds).
+int bwd_rows_per_cta(int64_t rows_per_block) { return rows_per_block > 128 ? 256 : 128; }
 
 void attention_bwd(const AttnParams& p, const BwdParams& g, DType dtype, cudaStream_t stream) {
   if (dtype == DType::kBFloat16) {

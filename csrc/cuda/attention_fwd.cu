@@ -174,7 +174,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
   };
   auto issue_tile = [&](int n, int st) {
     gather_kv_tile<T, D, kBC>(kg, vg, p.k_stride[2], p.v_stride[2], meta_pos + n * kBC - meta_base,
-                              Ks + st * kBC * D, Vs + st * kBC * D, tid, kThreads);
+                              Ks + st * kBC * D, Vs + st * kBC * D, tid, kThreads,
+                              [](int r, int c) { return swz<D>(r, c); });
     if (tid < kBC) tile_bias[st * kBC + tid] = meta_bias[n * kBC + tid - meta_base];
     cp_async_commit();
   };

@@ -86,18 +86,19 @@ struct BlockGeo {
   __device__ __forceinline__ int position(int gr) const { return first_pos + gr % nr; }
 };
 
-// Gathers the K and V rows of BC keys at positions pos[0..BC) (-1: a zero row) into swizzled
-// shared tiles with cp.async (the caller commits). kg / vg point at the (batch, kv head) rows.
-template <typename T, int D, int BC>
+// Gathers the K and V rows of BC keys at positions pos[0..BC) (-1: a zero row) into shared tiles
+// with cp.async (the caller commits); at(row, col) is the tile layout's element offset. kg / vg
+// point at the (batch, kv head) rows.
+template <typename T, int D, int BC, typename Layout>
 __device__ __forceinline__ void gather_kv_tile(const T* kg, const T* vg, int64_t k_row_stride, int64_t v_row_stride,
-                                               const int* pos, T* kd, T* vd, int tid, int threads) {
+                                               const int* pos, T* kd, T* vd, int tid, int threads, Layout at) {
   constexpr int CH = D / 8;  // 16-byte chunks per row
   for (int i = tid; i < BC * CH; i += threads) {
     const int kr = i / CH, c = i % CH;
-    const int at = pos[kr];
-    const bool ok = at >= 0;
-    cp_async16(&kd[swz<D>(kr, c * 8)], ok ? kg + at * k_row_stride + c * 8 : kg, ok ? 16 : 0);
-    cp_async16(&vd[swz<D>(kr, c * 8)], ok ? vg + at * v_row_stride + c * 8 : vg, ok ? 16 : 0);
+    const int p = pos[kr];
+    const bool ok = p >= 0;
+    cp_async16(&kd[at(kr, c * 8)], ok ? kg + p * k_row_stride + c * 8 : kg, ok ? 16 : 0);
+    cp_async16(&vd[at(kr, c * 8)], ok ? vg + p * v_row_stride + c * 8 : vg, ok ? 16 : 0);
   }
 }
 

@@ -75,17 +75,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
-// Bulk (TMA engine) reduction of a shared-memory row into global memory, fp32 add. The engine does
-// the adds at L2 in whole lines, with no per-thread instructions; wait_read frees the source.
+// Orders this thread's generic-proxy shared-memory writes (st.shared, cp.async) before later reads
+// by the async proxy (wgmma operands); a barrier after it publishes them to the other threads.
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, uint32_t bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
-               "r"(smem_addr(src)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 // A tile of rows of D elements (D/8 chunks of 16 bytes) with the chunk index xor-ed by row % 8,
 // so the 8 rows one ldmatrix phase reads land in 8 different bank groups.

@@ -103,7 +103,7 @@ struct BwdParams {
   float* dgate;      // [B, Hkv, T, width] fp32 zeroed, or null
 };
 
-int bwd_rows_per_cta();
+int bwd_rows_per_cta(int64_t rows_per_block);  // rows_per_block: group * min(block_q, Nq)
 void attention_bwd(const AttnParams& p, const BwdParams& g, DType dtype, cudaStream_t stream);
 
 // d scores (DESIGN.md "Score gradient"): per block sums, then per key.

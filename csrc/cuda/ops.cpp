@@ -317,7 +317,8 @@ BwdTuple bwd_cuda_op(const at::Tensor& dout_in, const at::Tensor& q_in, const at
                         dtype_of(q), c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor lse_c = lse.contiguous();
-  AttnParams p = attn_params(q, k, v, valid, s, geo, window, sinks, scale, sparsek_cuda::bwd_rows_per_cta());
+  const int64_t rows_per_block = q.size(1) / k.size(1) * std::min<int64_t>(geo.block_q, geo.num_queries);
+  AttnParams p = attn_params(q, k, v, valid, s, geo, window, sinks, scale, sparsek_cuda::bwd_rows_per_cta(rows_per_block));
   BwdParams g{};
   g.dout = dout.data_ptr();
   g.lse = lse_c.data_ptr<float>();
