@@ -25,17 +25,6 @@ constexpr int kMeta = 2048;
 constexpr int kThreads = 256;  // two warpgroups
 constexpr int kTK = 32;         // keys per tile
 
-// Element offset of (row, col) in a tile of R rows: col / 64 picks the panel, the 16-byte chunk
-// is xor-ed by row % 8 (the 128-byte swizzle, tiles 1024-byte aligned).
-template <int R>
-__device__ __forceinline__ int sw128(int row, int col) {
-  return (col >> 6) * (R * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
-}
-// Rows of 32 elements (64 bytes), the 16-byte chunk xor-ed by (row / 2) % 4: the 64-byte swizzle.
-__device__ __forceinline__ int sw64(int row, int col) {
-  return row * 32 + ((((col >> 3) & 3) ^ ((row >> 1) & 3)) << 3) + (col & 7);
-}
-
 template <int D, int RB>
 constexpr size_t bwd_smem_bytes() {
   constexpr int R = 128 * RB;
@@ -43,13 +32,6 @@ constexpr size_t bwd_smem_bytes() {
   // per-stage bias, gate and position; per-warp dgate sums; 1024 bytes to align the base.
   return static_cast<size_t>(2 * R * D + 4 * kTK * D + 2 * R * kTK) * 2 + 2 * R * 4 + kMeta * 8 +
          2 * kTK * 12 + 8 * kTK * 4 + 1024;
-}
-
-// Keeps the compiler from moving reads or writes of wgmma accumulators across a wait or fence.
-template <int N>
-__device__ __forceinline__ void pin(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 __device__ __forceinline__ void red_add(float* dst, float a) {
@@ -210,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
         issue_tile(n + 1, st ^ 1);
       }
       wgmma_wait<1>();
-      pin(s);
+      wgmma_pin(s);
       // s <- P (gated); then dp <- dS (gated); colsum of the ungated dS for dgate.
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
@@ -226,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
           }
       }
       wgmma_wait<0>();
-      pin(dp);
+      wgmma_pin(dp);
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const int lr = wrow + hr * 8 + g;
@@ -306,9 +288,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
     }
     wgmma_wait<0>();
 #pragma unroll
-    for (int mb = 0; mb < D / 64; ++mb) pin(acc[mb]);
+    for (int mb = 0; mb < D / 64; ++mb) wgmma_pin(acc[mb]);
 #pragma unroll
-    for (int rb = 0; rb < RB; ++rb) pin(dq[rb]);
+    for (int rb = 0; rb < RB; ++rb) wgmma_pin(dq[rb]);
     // dK / dV leave the SM as fp32 reductions at L2 (a key is shared by many query blocks).
     // acc[mb][4j + e] is head dim mb*64 + wq*16 + g + 8*(e/2) of key 8j + 2*c4 + e%2.
     const int* tpos = tile_pos + st * kTK;

@@ -1,136 +1,39 @@
-// SparseK attention forward on tensor cores (mma.sync m16n8k16, fp32 accumulate).
+// SparseK attention forward on Hopper tensor cores (wgmma, fp32 accumulate).
 //
 // One CTA = one (batch, kv head, query block) and up to 256 query rows: every query head of the GQA
 // group times the block's queries (G * block_q = 4 * 64 for the benchmark), so each gathered K/V
-// tile is read from global memory once per group. 8 warps, 32 rows each (two m16 tiles: each K/V
-// fragment read from shared memory feeds two mma, which keeps shared-memory traffic under the
-// tensor-core rate). Keys come in tiles of 64 gathered by position with cp.async (16-byte rows
-// pieces, zero-filled past the list), double-buffered so the next tile's gather overlaps this
-// tile's math. Online softmax in fp32 in the log2 domain; the gate enters as the additive bias
-// log2(gate); causal masking is only ever needed in the window's last tiles.
+// tile is read from global memory once per group. Two warpgroups, each two row blocks of 64 rows.
+// Keys come in tiles of 64 gathered by position with cp.async (16-byte row pieces, zero-filled
+// past the list), double-buffered so the next tile's gather overlaps this tile's math. Per tile a
+// warpgroup issues S = Q K^T for both its row blocks (wgmma m64n64, Q and K from shared memory),
+// then per row block: online softmax in fp32 in the log2 domain (the gate enters as the additive
+// bias log2(gate); causal masking is only ever needed in the window's last tiles), and
+// O += P V (wgmma m64nD, P from registers, V read MN-major), which runs while the next row
+// block's softmax does. Tiles use wgmma's 128-byte swizzle (D/64 panels of rows x 64 elements).
 // Decode (few CTAs, long key lists): the key tiles are split across CTAs and merged by lse.
 #include "block_keys.cuh"
+#include "wgmma.cuh"
 
 namespace sparsek_cuda {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kRows = kWarps * 32;
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kRows = 256;
 constexpr int kBC = 64;     // keys per tile
 constexpr int kMeta = 4096; // keys whose position and bias sit in shared memory at once
 
+// Q [kRows][D]; K, V [2][kBC][D]; metadata; per-stage bias; 1024 bytes to align the base.
 template <int D>
 constexpr size_t fwd_smem_bytes() {
-  return static_cast<size_t>(kRows * D + 4 * kBC * D) * 2 + kMeta * 8 + 2 * kBC * 4;
-}
-
-// One tile of keys for one warp's 32 rows: S = Q K^T, online softmax with the log-gate bias and
-// the causal limit, O += P V. NSUB = 16-key slices present (4 for a full tile).
-template <typename T, int D, int NSUB>
-__device__ __forceinline__ void attend_tile(const T* Qs, const T* kt, const T* vt, const float* bias, int warp,
-                                            int lane, bool need_mask, const int (&lim)[2][2], int key0,
-                                            float scale2, float (&acc)[2][D / 8][4], float (&m)[2][2],
-                                            float (&l)[2][2]) {
-  const int c4 = lane & 3;
-  float s[2][NSUB * 2][4];
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int j = 0; j < NSUB * 2; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[mi][j][e] = 0.f;
-
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[2][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-      ldmatrix_x4(a[mi], &Qs[swz<D>(warp * 32 + mi * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8)]);
-#pragma unroll
-    for (int np = 0; np < NSUB; ++np) {
-      uint32_t bk[4];
-      ldmatrix_x4(bk, &kt[swz<D>(np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 16 + ((lane >> 3) & 1) * 8)]);
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        Mma<T>::mma(s[mi][2 * np], a[mi], bk[0], bk[1]);
-        Mma<T>::mma(s[mi][2 * np + 1], a[mi], bk[2], bk[3]);
-      }
-    }
-  }
-
-  // Online softmax (log2 domain).
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int limit = lim[mi][hr] - key0;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < NSUB * 2; ++j) {
-        const float2 bb = *reinterpret_cast<const float2*>(&bias[j * 8 + 2 * c4]);
-        float v0 = fmaf(s[mi][j][2 * hr], scale2, bb.x);
-        float v1 = fmaf(s[mi][j][2 * hr + 1], scale2, bb.y);
-        if (need_mask) {
-          if (j * 8 + 2 * c4 > limit) v0 = -INFINITY;
-          if (j * 8 + 2 * c4 + 1 > limit) v1 = -INFINITY;
-        }
-        s[mi][j][2 * hr] = v0;
-        s[mi][j][2 * hr + 1] = v1;
-        mx = fmaxf(mx, fmaxf(v0, v1));
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[mi][hr], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(m[mi][hr] - m_use);
-      m[mi][hr] = m_new;
-      float rs = 0.f;
-#pragma unroll
-      for (int j = 0; j < NSUB * 2; ++j) {
-        const float p0 = exp2f(s[mi][j][2 * hr] - m_use);
-        const float p1 = exp2f(s[mi][j][2 * hr + 1] - m_use);
-        s[mi][j][2 * hr] = p0;
-        s[mi][j][2 * hr + 1] = p1;
-        rs += p0 + p1;
-      }
-      l[mi][hr] = l[mi][hr] * corr + rs;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        acc[mi][j][2 * hr] *= corr;
-        acc[mi][j][2 * hr + 1] *= corr;
-      }
-    }
-  }
-
-  // O += P V
-#pragma unroll
-  for (int kk = 0; kk < NSUB; ++kk) {
-    uint32_t a[2][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-      a[mi][0] = Mma<T>::pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-      a[mi][1] = Mma<T>::pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-      a[mi][2] = Mma<T>::pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-      a[mi][3] = Mma<T>::pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-    }
-#pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      uint32_t bv[4];
-      ldmatrix_x4_trans(bv, &vt[swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 16 + (lane >> 4) * 8)]);
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        Mma<T>::mma(acc[mi][2 * dp], a[mi], bv[0], bv[1]);
-        Mma<T>::mma(acc[mi][2 * dp + 1], a[mi], bv[2], bv[3]);
-      }
-    }
-  }
+  return static_cast<size_t>(kRows * D + 4 * kBC * D) * 2 + kMeta * 8 + 2 * kBC * 4 + 1024;
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, const FwdOut o) {
+  constexpr int RB = kRows / 128;  // row blocks of 64 per warpgroup
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* Qs = reinterpret_cast<T*>(smem_raw);
+  unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  T* Qs = reinterpret_cast<T*>(base);
   T* Ks = Qs + kRows * D;
   T* Vs = Ks + 2 * kBC * D;
   int* meta_pos = reinterpret_cast<int*>(Vs + 2 * kBC * D);
@@ -139,6 +42,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
 
   constexpr int CH = D / 8;  // 16-byte chunks per row
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = tid >> 7, wq = warp & 3;
   const int row = blockIdx.y;
   int x = blockIdx.x;
   const int split = x % o.num_splits;
@@ -165,17 +69,15 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
     const int r = i / CH, c = i % CH;
     const bool ok = r < rows_here;
     const T* src = ok ? qg + geo.q_offset(p, row_begin + r, p.q_stride) + c * 8 : qg;
-    cp_async16(&Qs[swz<D>(r, c * 8)], src, ok ? 16 : 0);
+    cp_async16(&Qs[sw128<kRows>(r, c * 8)], src, ok ? 16 : 0);
   }
 
   int meta_base = tile_begin * kBC;
-  auto load_meta = [&](int base) {
-    geo.load_keys(p, base, tile_end * kBC, kMeta, meta_pos, meta_bias, tid, kThreads);
-  };
+  auto load_meta = [&](int b0) { geo.load_keys(p, b0, tile_end * kBC, kMeta, meta_pos, meta_bias, tid, kThreads); };
   auto issue_tile = [&](int n, int st) {
     gather_kv_tile<T, D, kBC>(kg, vg, p.k_stride[2], p.v_stride[2], meta_pos + n * kBC - meta_base,
                               Ks + st * kBC * D, Vs + st * kBC * D, tid, kThreads,
-                              [](int r, int c) { return swz<D>(r, c); });
+                              [](int r, int c) { return sw128<kBC>(r, c); });
     if (tid < kBC) tile_bias[st * kBC + tid] = meta_bias[n * kBC + tid - meta_base];
     cp_async_commit();
   };
@@ -190,34 +92,52 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
 
   const float scale2 = p.scale * kLog2e;
   const int g = lane >> 2, c4 = lane & 3;
-  const bool warp_active = warp * 32 < rows_here;
+  // Row blocks with at least one row of the CTA (uniform over the warpgroup, as wgmma needs).
+  const int rb_active = min(RB, max(0, (rows_here - wg * 64 * RB + 63) / 64));
   // Causal limit per row: key column kk of tile n is masked when kk > lim - n * kBC.
-  int lim[2][2];
+  int lim[RB][2];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int rb = 0; rb < RB; ++rb)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int lr = warp * 32 + mi * 16 + hr * 8 + g;
-      const int pos = lr < rows_here ? geo.position(row_begin + lr) : 0x3fffffff;
-      lim[mi][hr] = lr < rows_here ? pos - geo.wb + geo.wstart : 0x3fffffff;
+      const int lr = (wg * RB + rb) * 64 + wq * 16 + hr * 8 + g;
+      lim[rb][hr] = lr < rows_here ? geo.position(row_begin + lr) - geo.wb + geo.wstart : 0x3fffffff;
     }
 
-  float acc[2][D / 8][4];
-  float m[2][2], l[2][2];
+  const uint32_t q_addr = smem_addr(Qs), k_addr = smem_addr(Ks), v_addr = smem_addr(Vs);
+  constexpr uint32_t kRowPanel = kRows * 128, kKeyPanel = kBC * 128;  // bytes of one 64-column panel
+
+  float acc[RB][D / 2];
+  float m[RB][2], l[RB][2];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
+  for (int rb = 0; rb < RB; ++rb) {
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][j][e] = 0.f;
-    m[mi][0] = m[mi][1] = -INFINITY;
-    l[mi][0] = l[mi][1] = 0.f;
+    for (int i = 0; i < D / 2; ++i) acc[rb][i] = 0.f;
+    m[rb][0] = m[rb][1] = -INFINITY;
+    l[rb][0] = l[rb][1] = 0.f;
   }
 
   for (int n = tile_begin; n < tile_end; ++n) {
     const int st = (n - tile_begin) & 1;
     cp_async_wait_all();
+    fence_async_shared();  // cp.async wrote the tiles through the generic proxy; wgmma reads async
     __syncthreads();
+    const uint32_t kt = k_addr + st * kBC * D * 2, vt = v_addr + st * kBC * D * 2;
+    // S = Q K^T for every active row block (one commit group each), then the next tile's gather.
+    float s[RB][kBC / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int rb = 0; rb < RB; ++rb) {
+      if (rb < rb_active) {
+        const uint32_t row0 = (wg * RB + rb) * 64;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          Wgmma<T, kBC>::template ss<0, 0>(
+              s[rb], wgmma_desc(q_addr + (kk >> 2) * kRowPanel + row0 * 128 + (kk & 3) * 32, 16, 1024),
+              wgmma_desc(kt + (kk >> 2) * kKeyPanel + (kk & 3) * 32, 16, 1024), kk);
+      }
+      wgmma_commit();
+    }
     if (n + 1 < tile_end) {
       if ((n + 2) * kBC - meta_base > kMeta) {  // next tile's keys are past the loaded metadata
         meta_base = (n + 1) * kBC;
@@ -226,51 +146,106 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
       }
       issue_tile(n + 1, st ^ 1);
     }
-    if (!warp_active) continue;
-
-    const int keys_here = min(kBC, geo.L - n * kBC);
-    const T* kt = Ks + st * kBC * D;
-    const T* vt = Vs + st * kBC * D;
     const float* bias = tile_bias + st * kBC;
-    const int last_key = n * kBC + keys_here - 1;
+    const int last_key = min((n + 1) * kBC, geo.L) - 1;
     const bool need_mask = last_key >= geo.wstart && geo.wb + (last_key - geo.wstart) > geo.first_pos;
-    // A ragged last tile only pays for the 16-key slices it holds.
-    if (keys_here > 48) attend_tile<T, D, 4>(Qs, kt, vt, bias, warp, lane, need_mask, lim, n * kBC, scale2, acc, m, l);
-    else if (keys_here > 32) attend_tile<T, D, 3>(Qs, kt, vt, bias, warp, lane, need_mask, lim, n * kBC, scale2, acc, m, l);
-    else if (keys_here > 16) attend_tile<T, D, 2>(Qs, kt, vt, bias, warp, lane, need_mask, lim, n * kBC, scale2, acc, m, l);
-    else attend_tile<T, D, 1>(Qs, kt, vt, bias, warp, lane, need_mask, lim, n * kBC, scale2, acc, m, l);
+#pragma unroll
+    for (int rb = 0; rb < RB; ++rb) {
+      // Pending: S of rb..RB-1 and PV of 0..rb-1, RB groups; S of rb is the oldest.
+      wgmma_wait<RB - 1>();
+      wgmma_pin(s[rb]);
+      if (rb < rb_active) {
+        // Online softmax (log2 domain) of rows g and g+8 of this warp's 16.
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int limit = lim[rb][hr] - n * kBC;
+          float mx = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < kBC / 8; ++j) {
+            const float2 bb = *reinterpret_cast<const float2*>(&bias[j * 8 + 2 * c4]);
+            float v0 = fmaf(s[rb][4 * j + 2 * hr], scale2, bb.x);
+            float v1 = fmaf(s[rb][4 * j + 2 * hr + 1], scale2, bb.y);
+            if (need_mask) {
+              if (j * 8 + 2 * c4 > limit) v0 = -INFINITY;
+              if (j * 8 + 2 * c4 + 1 > limit) v1 = -INFINITY;
+            }
+            s[rb][4 * j + 2 * hr] = v0;
+            s[rb][4 * j + 2 * hr + 1] = v1;
+            mx = fmaxf(mx, fmaxf(v0, v1));
+          }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m[rb][hr], mx);
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          const float corr = exp2f(m[rb][hr] - m_use);
+          m[rb][hr] = m_new;
+          float rs = 0.f;
+#pragma unroll
+          for (int j = 0; j < kBC / 8; ++j) {
+            const float p0 = exp2f(s[rb][4 * j + 2 * hr] - m_use);
+            const float p1 = exp2f(s[rb][4 * j + 2 * hr + 1] - m_use);
+            s[rb][4 * j + 2 * hr] = p0;
+            s[rb][4 * j + 2 * hr + 1] = p1;
+            rs += p0 + p1;
+          }
+          l[rb][hr] = l[rb][hr] * corr + rs;
+#pragma unroll
+          for (int j = 0; j < D / 8; ++j) {
+            acc[rb][4 * j + 2 * hr] *= corr;
+            acc[rb][4 * j + 2 * hr + 1] *= corr;
+          }
+        }
+        // O += P V: P from registers (two key octets' C fragments make one A fragment), V MN-major.
+        uint32_t a[kBC / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < kBC / 16; ++kk) {
+          a[kk][0] = Mma<T>::pack(s[rb][8 * kk + 0], s[rb][8 * kk + 1]);
+          a[kk][1] = Mma<T>::pack(s[rb][8 * kk + 2], s[rb][8 * kk + 3]);
+          a[kk][2] = Mma<T>::pack(s[rb][8 * kk + 4], s[rb][8 * kk + 5]);
+          a[kk][3] = Mma<T>::pack(s[rb][8 * kk + 6], s[rb][8 * kk + 7]);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBC / 16; ++kk)
+          Wgmma<T, D>::template rs<1>(acc[rb], a[kk], wgmma_desc(vt + kk * 2048, kKeyPanel, 1024), 1);
+      }
+      wgmma_commit();
+    }
+    wgmma_wait<0>();  // the stage is free for the gather after the next barrier
+#pragma unroll
+    for (int rb = 0; rb < RB; ++rb) wgmma_pin(acc[rb]);
   }
 
-  if (!warp_active) return;
-  // Epilogue: normalise, write lse, and out (staged through this warp's own Q rows) or the split's
+  // Epilogue: normalise, write lse, and out (staged through the CTA's Q rows) or the split's
   // partial result.
+  __syncthreads();  // every wgmma has read Q
+  const int64_t rows_all = static_cast<int64_t>(p.batch) * p.q_heads * p.num_queries;
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
+  for (int rb = 0; rb < RB; ++rb) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      float lsum = l[mi][hr];
+      float lsum = l[rb][hr];
       lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
       lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
       const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-      const float lse = lsum > 0.f ? (m[mi][hr] + log2f(lsum)) * kLn2 : -INFINITY;
-      const int lr = warp * 32 + mi * 16 + hr * 8 + g;
+      const float lse = lsum > 0.f ? (m[rb][hr] + log2f(lsum)) * kLn2 : -INFINITY;
+      const int lr = (wg * RB + rb) * 64 + wq * 16 + hr * 8 + g;
       const bool ok = lr < rows_here;
       const int64_t ri = ok ? geo.row_index(p, row_begin + lr) : 0;
       if (o.num_splits > 1) {
-        const int64_t rows_all = static_cast<int64_t>(p.batch) * p.q_heads * p.num_queries;
         if (ok) {
           float* dst = o.o_part + (split * rows_all + ri) * D;
 #pragma unroll
           for (int j = 0; j < D / 8; ++j)
             *reinterpret_cast<float2*>(&dst[j * 8 + 2 * c4]) =
-                make_float2(acc[mi][j][2 * hr] * inv, acc[mi][j][2 * hr + 1] * inv);
+                make_float2(acc[rb][4 * j + 2 * hr] * inv, acc[rb][4 * j + 2 * hr + 1] * inv);
           if (c4 == 0) o.lse_part[split * rows_all + ri] = lse;
         }
       } else {
 #pragma unroll
         for (int j = 0; j < D / 8; ++j)
-          *reinterpret_cast<uint32_t*>(&Qs[swz<D>(lr, j * 8 + 2 * c4)]) =
-              Mma<T>::pack(acc[mi][j][2 * hr] * inv, acc[mi][j][2 * hr + 1] * inv);
+          *reinterpret_cast<uint32_t*>(&Qs[sw128<kRows>(lr, j * 8 + 2 * c4)]) =
+              Mma<T>::pack(acc[rb][4 * j + 2 * hr] * inv, acc[rb][4 * j + 2 * hr + 1] * inv);
         if (ok && c4 == 0) o.lse[ri] = lse;
       }
     }
@@ -278,12 +253,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
   if (o.num_splits == 1) {
     __syncwarp();
     T* out = static_cast<T*>(o.out);
-    for (int i = lane; i < 32 * CH; i += 32) {
+    // This warp's rows: 16 of each of its warpgroup's row blocks.
+    for (int i = lane; i < RB * 16 * CH; i += 32) {
       const int r = i / CH, c = i % CH;
-      const int lr = warp * 32 + r;
+      const int lr = (wg * RB + r / 16) * 64 + wq * 16 + r % 16;
       if (lr < rows_here) {
         const int64_t ri = geo.row_index(p, row_begin + lr);
-        *reinterpret_cast<uint4*>(out + ri * D + c * 8) = *reinterpret_cast<const uint4*>(&Qs[swz<D>(lr, c * 8)]);
+        *reinterpret_cast<uint4*>(out + ri * D + c * 8) = *reinterpret_cast<const uint4*>(&Qs[sw128<kRows>(lr, c * 8)]);
       }
     }
   }
@@ -320,8 +296,8 @@ __global__ void merge_splits_kernel(const FwdOut o, int64_t rows_all) {
 template <typename T, int D>
 void launch_fwd(const AttnParams& p, const FwdOut& o, cudaStream_t stream) {
   constexpr size_t smem = fwd_smem_bytes<D>();
-  cudaFuncSetAttribute(fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const dim3 grid(p.num_blocks * p.row_chunks * o.num_splits, p.batch * p.kv_heads);
+  cudaFuncSetAttribute(fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, o);
   if (o.num_splits > 1) {
     const int64_t rows_all = static_cast<int64_t>(p.batch) * p.q_heads * p.num_queries;

@@ -1,5 +1,5 @@
-// Device helpers shared by the SparseK CUDA kernels (sm_90a): tensor-core fragments (mma.sync
-// m16n8k16, ldmatrix), cp.async gathers, a swizzled shared-memory layout and warp reductions.
+// Device helpers shared by the SparseK CUDA kernels (sm_90a): fp16 / bf16 packing, cp.async
+// gathers, wgmma's swizzled shared-memory layouts and warp reductions.
 // Plain CUDA, no torch: the kernels compile alone with nvcc (see NOTES.md).
 #pragma once
 
@@ -23,13 +23,6 @@ struct Mma<__half> {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
-  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
 };
@@ -40,31 +33,12 @@ struct Mma<__nv_bfloat16> {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
-  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
 }
 
 // 16-byte global -> shared copy; src_bytes = 0 writes zeros (padding rows and keys).
@@ -79,12 +53,16 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // by the async proxy (wgmma operands); a barrier after it publishes them to the other threads.
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// A tile of rows of D elements (D/8 chunks of 16 bytes) with the chunk index xor-ed by row % 8,
-// so the 8 rows one ldmatrix phase reads land in 8 different bank groups.
-template <int D>
-__device__ __forceinline__ int swz(int row, int col) {
-  const int chunk = (col >> 3) ^ (row & 7);
-  return row * D + (chunk << 3) + (col & 7);
+// Element offset of (row, col) in a tile of R rows as wgmma reads it with the 128-byte swizzle:
+// col / 64 picks a panel of R x 64 elements, the 16-byte chunk is xor-ed by row % 8 (tiles
+// 1024-byte aligned). The same layout serves K-major and MN-major operands.
+template <int R>
+__device__ __forceinline__ int sw128(int row, int col) {
+  return (col >> 6) * (R * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
+}
+// Rows of 32 elements (64 bytes), the 16-byte chunk xor-ed by (row / 2) % 4: the 64-byte swizzle.
+__device__ __forceinline__ int sw64(int row, int col) {
+  return row * 32 + ((((col >> 3) & 3) ^ ((row >> 1) & 3)) << 3) + (col & 7);
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
