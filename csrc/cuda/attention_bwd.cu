@@ -10,8 +10,8 @@
 //   dQ += dS K                                  wgmma m64nD, dS from registers (one write at the end)
 // then, over all rows of the CTA (P and dS staged in shared memory, one barrier):
 //   warpgroup 0: dV^T = dO^T P, warpgroup 1: dK^T = Q^T dS    wgmma m64n32 per 64 head dims
-// and the products go to the global fp32 dk / dv buffers as reductions (a key is shared by many
-// query blocks). Registers (dQ of RB row blocks) and shared memory are what keep the tile at 32 keys.
+// and the products go to the global fp32 dk / dv buffers as 16-byte reductions (a key is shared
+// by many query blocks), transposed through the warpgroup's P or dS buffer. Registers (dQ of RB row blocks) and shared memory are what keep the tile at 32 keys.
 // Q, dO, K and V tiles are D/64 panels of rows x 64 elements with wgmma's 128-byte swizzle; P and
 // dS rows of 32 keys with the 64-byte swizzle. d scores from dgate run afterwards
 // (scores_grad_* below), like scores_grad_cpu.
@@ -25,17 +25,23 @@ constexpr int kMeta = 2048;
 constexpr int kThreads = 256;  // two warpgroups
 constexpr int kTK = 32;         // keys per tile
 
+// P and dS buffers (elements): each also stages one warpgroup's fp32 dV^T / dK^T tile for the
+// vector reductions.
+template <int D, int RB>
+constexpr int ps_elems() { return 128 * RB * kTK > kTK * D * 2 ? 128 * RB * kTK : kTK * D * 2; }
+
 template <int D, int RB>
 constexpr size_t bwd_smem_bytes() {
   constexpr int R = 128 * RB;
   // Q, dO [R][D]; K, V [2][kTK][D]; P, dS (all 1024-byte multiples); lse2, delta [R]; metadata;
   // per-stage bias, gate and position; per-warp dgate sums; 1024 bytes to align the base.
-  return static_cast<size_t>(2 * R * D + 4 * kTK * D + 2 * R * kTK) * 2 + 2 * R * 4 + kMeta * 8 +
+  return static_cast<size_t>(2 * R * D + 4 * kTK * D + 2 * ps_elems<D, RB>()) * 2 + 2 * R * 4 + kMeta * 8 +
          2 * kTK * 12 + 8 * kTK * 4 + 1024;
 }
 
-__device__ __forceinline__ void red_add(float* dst, float a) {
-  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(dst), "f"(a) : "memory");
+__device__ __forceinline__ void red_add_v4(float* dst, float4 a) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(a.x), "f"(a.y), "f"(a.z), "f"(a.w)
+               : "memory");
 }
 
 template <typename T, int D, int RB>
@@ -48,8 +54,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   T* Ks = dOs + R * D;
   T* Vs = Ks + 2 * kTK * D;
   T* Ps = Vs + 2 * kTK * D;
-  T* dSs = Ps + R * kTK;
-  float* lse_s = reinterpret_cast<float*>(dSs + R * kTK);
+  T* dSs = Ps + ps_elems<D, RB>();
+  float* lse_s = reinterpret_cast<float*>(dSs + ps_elems<D, RB>());
   float* delta_s = lse_s + R;
   int* meta_pos = reinterpret_cast<int*>(delta_s + R);
   float* meta_bias = reinterpret_cast<float*>(meta_pos + kMeta);
@@ -296,19 +302,26 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
     const int* tpos = tile_pos + st * kTK;
     float* dst = (wg == 0 ? gp.dv_acc : gp.dk_acc) + (static_cast<int64_t>(geo.b) * p.kv_heads + geo.h) * p.num_keys * D;
     const float mul = wg == 0 ? 1.f : p.scale;
+    // Transposed through this warpgroup's own buffer (P for dV, dS for dK: the product that read
+    // it is complete) so that each reduction carries 16 bytes of one key row. The 16-byte chunk
+    // of key k's row is xor-ed by 2 * ((k / 2) % 4): the stores of a warp hit 32 banks.
+    float* stage = reinterpret_cast<float*>(wg == 0 ? Ps : dSs);
+    auto at = [](int key, int d) { return key * D + ((((d >> 2) ^ (((key >> 1) & 3) << 1))) << 2) + (d & 3); };
 #pragma unroll
     for (int j = 0; j < kTK / 8; ++j)
 #pragma unroll
-      for (int e1 = 0; e1 < 2; ++e1) {
-        const int pos = tpos[8 * j + 2 * c4 + e1];
-        if (pos >= 0) {
-          float* rowp = dst + static_cast<int64_t>(pos) * D + wq * 16 + g;
+      for (int e = 0; e < 4; ++e)
 #pragma unroll
-          for (int mb = 0; mb < D / 64; ++mb)
+        for (int mb = 0; mb < D / 64; ++mb)
+          stage[at(8 * j + 2 * c4 + (e & 1), mb * 64 + wq * 16 + g + 8 * (e >> 1))] = acc[mb][4 * j + e] * mul;
+    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // this warpgroup only
+    const int tw = tid & 127;
 #pragma unroll
-            for (int e2 = 0; e2 < 2; ++e2) red_add(rowp + mb * 64 + 8 * e2, acc[mb][4 * j + 2 * e2 + e1] * mul);
-        }
-      }
+    for (int i = 0; i < kTK * D / 4 / 128; ++i) {
+      const int idx = tw + 128 * i, key = idx / (D / 4), d = (idx % (D / 4)) * 4;
+      const int pos = tpos[key];
+      if (pos >= 0) red_add_v4(dst + static_cast<int64_t>(pos) * D + d, *reinterpret_cast<const float4*>(&stage[at(key, d)]));
+    }
   }
 
   T* dqg = static_cast<T*>(gp.dq);
@@ -330,8 +343,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 template <typename T, int D, int RB>
 void launch_bwd_rows(const AttnParams& p, const BwdParams& g, cudaStream_t stream) {
   constexpr size_t smem = bwd_smem_bytes<D, RB>();
-  cudaFuncSetAttribute(bwd_kernel<T, D, RB>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const dim3 grid(p.num_blocks * p.row_chunks, p.batch * p.kv_heads);
+  cudaFuncSetAttribute(bwd_kernel<T, D, RB>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   bwd_kernel<T, D, RB><<<grid, kThreads, smem, stream>>>(p, g);
 }
 
