@@ -172,22 +172,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
     for (int rb = 0; rb < RB; ++rb) {
       const int row0 = (wg * RB + rb) * 64;  // first row of this row block
       const int wrow = row0 + wq * 16;       // first row of this warp
-      // S = Q K^T and dP = dO V^T: both operands K-major; a k-step of 16 is 32 bytes into a panel.
+      // S = Q K^T and dP = dO V^T (one commit group each).
       float s[kTK / 2], dp[kTK / 2];
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t off = (kk >> 2) * kRowPanel + row0 * 128 + (kk & 3) * 32;
-        const uint32_t koff = (kk >> 2) * kKeyPanel + (kk & 3) * 32;
-        Wgmma<T, kTK>::template ss<0, 0>(s, wgmma_desc(q_addr + off, 16, 1024), wgmma_desc(kt + koff, 16, 1024), kk);
-      }
+      wgmma_rows_by_rows<T, kTK, D>(s, q_addr + row0 * 128, kRowPanel, kt, kKeyPanel);
       wgmma_commit();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint32_t off = (kk >> 2) * kRowPanel + row0 * 128 + (kk & 3) * 32;
-        const uint32_t koff = (kk >> 2) * kKeyPanel + (kk & 3) * 32;
-        Wgmma<T, kTK>::template ss<0, 0>(dp, wgmma_desc(do_addr + off, 16, 1024), wgmma_desc(vt + koff, 16, 1024), kk);
-      }
+      wgmma_rows_by_rows<T, kTK, D>(dp, do_addr + row0 * 128, kRowPanel, vt, kKeyPanel);
       wgmma_commit();
       if (rb == 0 && n + 1 < tiles) {  // the next tile's gather goes out while the tensor cores work
         if ((n + 2) * kTK - meta_base > kMeta) {
@@ -235,20 +225,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
               Mma<T>::pack(dp[4 * j + 2 * hr], dp[4 * j + 2 * hr + 1]);
         }
       }
-      // dQ += dS K: dS from registers (the m16n8 C fragments of two key octets make one A
-      // fragment), K read MN-major: a k-step of 16 keys is two 8-row groups of 1024 bytes.
-      uint32_t a[kTK / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kTK / 16; ++kk) {
-        a[kk][0] = Mma<T>::pack(dp[8 * kk + 0], dp[8 * kk + 1]);
-        a[kk][1] = Mma<T>::pack(dp[8 * kk + 2], dp[8 * kk + 3]);
-        a[kk][2] = Mma<T>::pack(dp[8 * kk + 4], dp[8 * kk + 5]);
-        a[kk][3] = Mma<T>::pack(dp[8 * kk + 6], dp[8 * kk + 7]);
-      }
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kTK / 16; ++kk)
-        Wgmma<T, D>::template rs<1>(dq[rb], a[kk], wgmma_desc(kt + kk * 2048, kKeyPanel, 1024), 1);
+      // dQ += dS K: dS from registers, K read MN-major.
+      wgmma_fragments_by_tile<T, D, kTK>(dq[rb], dp, kt, kKeyPanel);
       wgmma_commit();
     }
 

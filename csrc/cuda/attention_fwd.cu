@@ -130,11 +130,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
     for (int rb = 0; rb < RB; ++rb) {
       if (rb < rb_active) {
         const uint32_t row0 = (wg * RB + rb) * 64;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-          Wgmma<T, kBC>::template ss<0, 0>(
-              s[rb], wgmma_desc(q_addr + (kk >> 2) * kRowPanel + row0 * 128 + (kk & 3) * 32, 16, 1024),
-              wgmma_desc(kt + (kk >> 2) * kKeyPanel + (kk & 3) * 32, 16, 1024), kk);
+        wgmma_rows_by_rows<T, kBC, D>(s[rb], q_addr + row0 * 128, kRowPanel, kt, kKeyPanel);
       }
       wgmma_commit();
     }
@@ -195,19 +191,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
             acc[rb][4 * j + 2 * hr + 1] *= corr;
           }
         }
-        // O += P V: P from registers (two key octets' C fragments make one A fragment), V MN-major.
-        uint32_t a[kBC / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < kBC / 16; ++kk) {
-          a[kk][0] = Mma<T>::pack(s[rb][8 * kk + 0], s[rb][8 * kk + 1]);
-          a[kk][1] = Mma<T>::pack(s[rb][8 * kk + 2], s[rb][8 * kk + 3]);
-          a[kk][2] = Mma<T>::pack(s[rb][8 * kk + 4], s[rb][8 * kk + 5]);
-          a[kk][3] = Mma<T>::pack(s[rb][8 * kk + 6], s[rb][8 * kk + 7]);
-        }
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBC / 16; ++kk)
-          Wgmma<T, D>::template rs<1>(acc[rb], a[kk], wgmma_desc(vt + kk * 2048, kKeyPanel, 1024), 1);
+        // O += P V: P from registers, V read MN-major.
+        wgmma_fragments_by_tile<T, D, kBC>(acc[rb], s[rb], vt, kKeyPanel);
       }
       wgmma_commit();
     }

@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace sparsek_cuda {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -154,5 +156,39 @@ struct Wgmma<__half, 128> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(TB));
   }
 };
+
+// The two products the attention kernels build on, over tiles in the 128-byte-swizzled panel
+// layout of common.cuh (sw128). Each issues its wgmma; the caller commits after.
+
+// acc = A B^T over D: A = the 64 rows at a_addr of a tile whose 64-column panels are a_panel bytes
+// apart, B = the N rows of a tile at b_addr (panels b_panel apart). Both K-major: a k-step of 16 is
+// 32 bytes into a panel. The caller fences before (after its last write of acc).
+template <typename T, int N, int D>
+__device__ __forceinline__ void wgmma_rows_by_rows(float (&acc)[N / 2], uint32_t a_addr, uint32_t a_panel,
+                                                   uint32_t b_addr, uint32_t b_panel) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    Wgmma<T, N>::template ss<0, 0>(acc, wgmma_desc(a_addr + (kk >> 2) * a_panel + (kk & 3) * 32, 16, 1024),
+                                   wgmma_desc(b_addr + (kk >> 2) * b_panel + (kk & 3) * 32, 16, 1024), kk);
+}
+
+// acc += A B with A = an m64 x K product c still in its accumulator fragments (the C fragments of
+// two key octets make one A fragment), B = the K rows of a tile at b_addr read MN-major (N columns,
+// 64-column panels b_panel apart; a k-step of 16 rows is two 8-row groups of 1024 bytes). Fences
+// after packing A (and the caller's writes of acc) and before the products.
+template <typename T, int N, int K>
+__device__ __forceinline__ void wgmma_fragments_by_tile(float (&acc)[N / 2], const float (&c)[K / 2], uint32_t b_addr,
+                                                        uint32_t b_panel) {
+  uint32_t a[K / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[kk][i] = Mma<T>::pack(c[8 * kk + 2 * i], c[8 * kk + 2 * i + 1]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk)
+    Wgmma<T, N>::template rs<1>(acc, a[kk], wgmma_desc(b_addr + kk * 2048, b_panel, 1024), 1);
+}
+
 
 }  // namespace sparsek_cuda
