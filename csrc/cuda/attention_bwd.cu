@@ -328,7 +328,7 @@ void launch_bwd_rows(const AttnParams& p, const BwdParams& g, cudaStream_t strea
 
 template <typename T, int D>
 void launch_bwd(const AttnParams& p, const BwdParams& g, cudaStream_t stream) {
-  if (bwd_rows_per_cta(static_cast<int64_t>(p.group) * min(p.block_q, p.num_queries)) == 256)
+  if (p.row_blocks == 2)
     launch_bwd_rows<T, D, 2>(p, g, stream);
   else
     launch_bwd_rows<T, D, 1>(p, g, stream);
@@ -433,9 +433,6 @@ void row_dot(const void* dout, const void* out, float* delta, int64_t rows, int 
     row_dot_kernel<__half><<<grid, 256, 0, stream>>>(static_cast<const __half*>(dout), static_cast<const __half*>(out),
                                                     delta, rows, head_dim);
 }
-
-// Rows per CTA: the whole group of a block when it has more than 128 rows (half the dK / dV adds).
-int bwd_rows_per_cta(int64_t rows_per_block) { return rows_per_block > 128 ? 256 : 128; }
 
 void attention_bwd(const AttnParams& p, const BwdParams& g, DType dtype, cudaStream_t stream) {
   if (dtype == DType::kBFloat16) {

@@ -1,8 +1,11 @@
 // SparseK attention forward on Hopper tensor cores (wgmma, fp32 accumulate).
 //
-// One CTA = one (batch, kv head, query block) and up to 256 query rows: every query head of the GQA
-// group times the block's queries (G * block_q = 4 * 64 for the benchmark), so each gathered K/V
-// tile is read from global memory once per group. Two warpgroups, each two row blocks of 64 rows.
+// One CTA = one (batch, kv head, query block) and up to 128 * RB query rows: every query head of the
+// GQA group times the block's queries (G * block_q = 4 * 64 for the benchmark), so each gathered K/V
+// tile is read from global memory once per group. Two warpgroups, each RB row blocks of 64 rows
+// (RB = 2 when the block has more than 128 rows, AttnParams::row_blocks). Every row block runs
+// its wgmma even when it holds no row of the call (decode): a branch around them, uniform per
+// warpgroup at run time but not provably so, makes ptxas serialize every wgmma of the kernel.
 // Keys come in tiles of 64 gathered by position with cp.async (16-byte row pieces, zero-filled
 // past the list), double-buffered so the next tile's gather overlaps this tile's math. Per tile a
 // warpgroup issues S = Q K^T for both its row blocks (wgmma m64n64, Q and K from shared memory),
@@ -18,19 +21,18 @@ namespace sparsek_cuda {
 namespace {
 
 constexpr int kThreads = 256;  // two warpgroups
-constexpr int kRows = 256;
 constexpr int kBC = 64;     // keys per tile
 constexpr int kMeta = 4096; // keys whose position and bias sit in shared memory at once
 
-// Q [kRows][D]; K, V [2][kBC][D]; metadata; per-stage bias; 1024 bytes to align the base.
-template <int D>
+// Q [128 * RB][D]; K, V [2][kBC][D]; metadata; per-stage bias; 1024 bytes to align the base.
+template <int D, int RB>
 constexpr size_t fwd_smem_bytes() {
-  return static_cast<size_t>(kRows * D + 4 * kBC * D) * 2 + kMeta * 8 + 2 * kBC * 4 + 1024;
+  return static_cast<size_t>(128 * RB * D + 4 * kBC * D) * 2 + kMeta * 8 + 2 * kBC * 4 + 1024;
 }
 
-template <typename T, int D>
+template <typename T, int D, int RB>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, const FwdOut o) {
-  constexpr int RB = kRows / 128;  // row blocks of 64 per warpgroup
+  constexpr int kRows = 128 * RB;  // rows of the CTA
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   T* Qs = reinterpret_cast<T*>(base);
@@ -92,8 +94,6 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
 
   const float scale2 = p.scale * kLog2e;
   const int g = lane >> 2, c4 = lane & 3;
-  // Row blocks with at least one row of the CTA (uniform over the warpgroup, as wgmma needs).
-  const int rb_active = min(RB, max(0, (rows_here - wg * 64 * RB + 63) / 64));
   // Causal limit per row: key column kk of tile n is masked when kk > lim - n * kBC.
   int lim[RB][2];
 #pragma unroll
@@ -123,15 +123,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
     fence_async_shared();  // cp.async wrote the tiles through the generic proxy; wgmma reads async
     __syncthreads();
     const uint32_t kt = k_addr + st * kBC * D * 2, vt = v_addr + st * kBC * D * 2;
-    // S = Q K^T for every active row block (one commit group each), then the next tile's gather.
+    // S = Q K^T for every row block (one commit group each), then the next tile's gather.
     float s[RB][kBC / 2];
     wgmma_fence();
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) {
-      if (rb < rb_active) {
-        const uint32_t row0 = (wg * RB + rb) * 64;
-        wgmma_rows_by_rows<T, kBC, D>(s[rb], q_addr + row0 * 128, kRowPanel, kt, kKeyPanel);
-      }
+      const uint32_t row0 = (wg * RB + rb) * 64;
+      wgmma_rows_by_rows<T, kBC, D>(s[rb], q_addr + row0 * 128, kRowPanel, kt, kKeyPanel);
       wgmma_commit();
     }
     if (n + 1 < tile_end) {
@@ -150,50 +148,48 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
       // Pending: S of rb..RB-1 and PV of 0..rb-1, RB groups; S of rb is the oldest.
       wgmma_wait<RB - 1>();
       wgmma_pin(s[rb]);
-      if (rb < rb_active) {
-        // Online softmax (log2 domain) of rows g and g+8 of this warp's 16.
+      // Online softmax (log2 domain) of rows g and g+8 of this warp's 16.
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int limit = lim[rb][hr] - n * kBC;
-          float mx = -INFINITY;
+      for (int hr = 0; hr < 2; ++hr) {
+        const int limit = lim[rb][hr] - n * kBC;
+        float mx = -INFINITY;
 #pragma unroll
-          for (int j = 0; j < kBC / 8; ++j) {
-            const float2 bb = *reinterpret_cast<const float2*>(&bias[j * 8 + 2 * c4]);
-            float v0 = fmaf(s[rb][4 * j + 2 * hr], scale2, bb.x);
-            float v1 = fmaf(s[rb][4 * j + 2 * hr + 1], scale2, bb.y);
-            if (need_mask) {
-              if (j * 8 + 2 * c4 > limit) v0 = -INFINITY;
-              if (j * 8 + 2 * c4 + 1 > limit) v1 = -INFINITY;
-            }
-            s[rb][4 * j + 2 * hr] = v0;
-            s[rb][4 * j + 2 * hr + 1] = v1;
-            mx = fmaxf(mx, fmaxf(v0, v1));
+        for (int j = 0; j < kBC / 8; ++j) {
+          const float2 bb = *reinterpret_cast<const float2*>(&bias[j * 8 + 2 * c4]);
+          float v0 = fmaf(s[rb][4 * j + 2 * hr], scale2, bb.x);
+          float v1 = fmaf(s[rb][4 * j + 2 * hr + 1], scale2, bb.y);
+          if (need_mask) {
+            if (j * 8 + 2 * c4 > limit) v0 = -INFINITY;
+            if (j * 8 + 2 * c4 + 1 > limit) v1 = -INFINITY;
           }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(m[rb][hr], mx);
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;
-          const float corr = exp2f(m[rb][hr] - m_use);
-          m[rb][hr] = m_new;
-          float rs = 0.f;
-#pragma unroll
-          for (int j = 0; j < kBC / 8; ++j) {
-            const float p0 = exp2f(s[rb][4 * j + 2 * hr] - m_use);
-            const float p1 = exp2f(s[rb][4 * j + 2 * hr + 1] - m_use);
-            s[rb][4 * j + 2 * hr] = p0;
-            s[rb][4 * j + 2 * hr + 1] = p1;
-            rs += p0 + p1;
-          }
-          l[rb][hr] = l[rb][hr] * corr + rs;
-#pragma unroll
-          for (int j = 0; j < D / 8; ++j) {
-            acc[rb][4 * j + 2 * hr] *= corr;
-            acc[rb][4 * j + 2 * hr + 1] *= corr;
-          }
+          s[rb][4 * j + 2 * hr] = v0;
+          s[rb][4 * j + 2 * hr + 1] = v1;
+          mx = fmaxf(mx, fmaxf(v0, v1));
         }
-        // O += P V: P from registers, V read MN-major.
-        wgmma_fragments_by_tile<T, D, kBC>(acc[rb], s[rb], vt, kKeyPanel);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[rb][hr], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float corr = exp2f(m[rb][hr] - m_use);
+        m[rb][hr] = m_new;
+        float rs = 0.f;
+#pragma unroll
+        for (int j = 0; j < kBC / 8; ++j) {
+          const float p0 = exp2f(s[rb][4 * j + 2 * hr] - m_use);
+          const float p1 = exp2f(s[rb][4 * j + 2 * hr + 1] - m_use);
+          s[rb][4 * j + 2 * hr] = p0;
+          s[rb][4 * j + 2 * hr + 1] = p1;
+          rs += p0 + p1;
+        }
+        l[rb][hr] = l[rb][hr] * corr + rs;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          acc[rb][4 * j + 2 * hr] *= corr;
+          acc[rb][4 * j + 2 * hr + 1] *= corr;
+        }
       }
+      // O += P V: P from registers, V read MN-major.
+      wgmma_fragments_by_tile<T, D, kBC>(acc[rb], s[rb], vt, kKeyPanel);
       wgmma_commit();
     }
     wgmma_wait<0>();  // the stage is free for the gather after the next barrier
@@ -278,12 +274,20 @@ __global__ void merge_splits_kernel(const FwdOut o, int64_t rows_all) {
   if (lane == 0) o.lse[r] = total > 0.f ? mx + logf(total) : -INFINITY;
 }
 
+template <typename T, int D, int RB>
+void launch_fwd_rows(const AttnParams& p, const FwdOut& o, cudaStream_t stream) {
+  constexpr size_t smem = fwd_smem_bytes<D, RB>();
+  const dim3 grid(p.num_blocks * p.row_chunks * o.num_splits, p.batch * p.kv_heads);
+  cudaFuncSetAttribute(fwd_kernel<T, D, RB>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  fwd_kernel<T, D, RB><<<grid, kThreads, smem, stream>>>(p, o);
+}
+
 template <typename T, int D>
 void launch_fwd(const AttnParams& p, const FwdOut& o, cudaStream_t stream) {
-  constexpr size_t smem = fwd_smem_bytes<D>();
-  const dim3 grid(p.num_blocks * p.row_chunks * o.num_splits, p.batch * p.kv_heads);
-  cudaFuncSetAttribute(fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, o);
+  if (p.row_blocks == 2)
+    launch_fwd_rows<T, D, 2>(p, o, stream);
+  else
+    launch_fwd_rows<T, D, 1>(p, o, stream);
   if (o.num_splits > 1) {
     const int64_t rows_all = static_cast<int64_t>(p.batch) * p.q_heads * p.num_queries;
     merge_splits_kernel<T, D><<<static_cast<unsigned>((rows_all + 7) / 8), 256, 0, stream>>>(o, rows_all);
@@ -291,8 +295,6 @@ void launch_fwd(const AttnParams& p, const FwdOut& o, cudaStream_t stream) {
 }
 
 }  // namespace
-
-int fwd_rows_per_cta() { return kRows; }
 
 void attention_fwd(const AttnParams& p, const FwdOut& o, DType dtype, cudaStream_t stream) {
   if (dtype == DType::kBFloat16) {

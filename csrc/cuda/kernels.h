@@ -79,7 +79,9 @@ struct AttnParams {
   int batch, q_heads, kv_heads, group, num_queries, num_keys, head_dim;
   int block_q, first_block, num_blocks, width, window, sinks;
   float scale;
-  int row_chunks;  // ceil(group * rows of a block / rows per CTA)
+  int row_blocks;  // 64-row blocks per warpgroup: 2 when a block has more than 128 rows (group *
+                   // min(block_q, Nq)), else 1; a CTA takes 128 * row_blocks rows
+  int row_chunks;  // CTAs per block: ceil(rows of a block / (128 * row_blocks))
 };
 
 struct FwdOut {
@@ -90,7 +92,6 @@ struct FwdOut {
   float* lse_part;  // [splits, B, Hq, Nq]
 };
 
-int fwd_rows_per_cta();
 void attention_fwd(const AttnParams& p, const FwdOut& o, DType dtype, cudaStream_t stream);
 
 struct BwdParams {
@@ -103,7 +104,6 @@ struct BwdParams {
   float* dgate;      // [B, Hkv, T, width] fp32 zeroed, or null
 };
 
-int bwd_rows_per_cta(int64_t rows_per_block);  // rows_per_block: group * min(block_q, Nq)
 void attention_bwd(const AttnParams& p, const BwdParams& g, DType dtype, cudaStream_t stream);
 
 // d scores (DESIGN.md "Score gradient"): per block sums, then per key.

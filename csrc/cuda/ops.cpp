@@ -185,7 +185,7 @@ void check_cuda_inputs(const at::Tensor& q) {
 
 AttnParams attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const c10::optional<at::Tensor>& key_valid, const Selection& sel, const Geometry& geo,
-                       int64_t window, int64_t sinks, double scale, int rows_per_cta) {
+                       int64_t window, int64_t sinks, double scale) {
   AttnParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -213,8 +213,11 @@ AttnParams attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.window = static_cast<int>(std::min<int64_t>(window, std::numeric_limits<int>::max() / 2));
   p.sinks = static_cast<int>(std::min<int64_t>(sinks, std::numeric_limits<int>::max()));
   p.scale = static_cast<float>(scale);
-  const int64_t max_rows = p.group * std::min<int64_t>(geo.block_q, geo.num_queries);
-  p.row_chunks = static_cast<int>((max_rows + rows_per_cta - 1) / rows_per_cta);
+  // The whole GQA group of a block in one CTA when it has more than 128 rows: each gathered tile is
+  // read, and each key's dK / dV added, once per block (not twice).
+  const int64_t block_rows = p.group * std::min<int64_t>(geo.block_q, geo.num_queries);
+  p.row_blocks = block_rows > 128 ? 2 : 1;
+  p.row_chunks = static_cast<int>((block_rows + 128 * p.row_blocks - 1) / (128 * p.row_blocks));
   return p;
 }
 
@@ -232,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  AttnParams p = attn_params(q, k, v, key_valid, sel, geo, window, sinks, scale, sparsek_cuda::fwd_rows_per_cta());
+  AttnParams p = attn_params(q, k, v, key_valid, sel, geo, window, sinks, scale);
   // Decode and short chunks give few CTAs: split each block's key list across CTAs (merged by lse).
   const int64_t ctas = int64_t(p.batch) * p.kv_heads * p.num_blocks * p.row_chunks;
   int sms = 0;
@@ -317,8 +320,7 @@ BwdTuple bwd_cuda_op(const at::Tensor& dout_in, const at::Tensor& q_in, const at
                         dtype_of(q), c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor lse_c = lse.contiguous();
-  const int64_t rows_per_block = q.size(1) / k.size(1) * std::min<int64_t>(geo.block_q, geo.num_queries);
-  AttnParams p = attn_params(q, k, v, valid, s, geo, window, sinks, scale, sparsek_cuda::bwd_rows_per_cta(rows_per_block));
+  AttnParams p = attn_params(q, k, v, valid, s, geo, window, sinks, scale);
   BwdParams g{};
   g.dout = dout.data_ptr();
   g.lse = lse_c.data_ptr<float>();
