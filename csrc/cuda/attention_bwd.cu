@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int lr = (wg * RB + rb) * 64 + wq * 16 + hr * 8 + g;
-      lim[rb][hr] = lr < rows_here ? geo.position(row_begin + lr) - geo.wb + geo.wstart : 0x3fffffff;
+      lim[rb][hr] = lr < rows_here ? geo.last_visible(row_begin + lr) : 0x3fffffff;
     }
 
   // Shared-memory byte addresses of the operands (descriptors are built per k-step from them).

@@ -84,6 +84,10 @@ struct BlockGeo {
     return (static_cast<int64_t>(b) * p.q_heads + h * p.group + gh) * p.num_queries + first_r + rr;
   }
   __device__ __forceinline__ int position(int gr) const { return first_pos + gr % nr; }
+
+  // Causal limit of row gr in list indices: key i of the list is masked for the row when
+  // i > last_visible(gr) (only window keys ever are: sinks and Sel precede the block).
+  __device__ __forceinline__ int last_visible(int gr) const { return position(gr) - wb + wstart; }
 };
 
 // Gathers the K and V rows of BC keys at positions pos[0..BC) (-1: a zero row) into shared tiles
