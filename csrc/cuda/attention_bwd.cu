@@ -64,7 +64,6 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   int* tile_pos = reinterpret_cast<int*>(tile_gate + 2 * kTK);  // [2][kTK]
   float* tile_dg = reinterpret_cast<float*>(tile_pos + 2 * kTK);  // [warps][kTK] dgate sums
 
-  constexpr int CH = D / 8;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = tid >> 7, wq = warp & 3;  // warpgroup, warp within it
   const int row = blockIdx.y;
@@ -86,14 +85,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   const int64_t dout_stride[3] = {static_cast<int64_t>(p.q_heads) * p.num_queries * D,
                                   static_cast<int64_t>(p.num_queries) * D, D};
 
-  for (int i = tid; i < R * CH; i += kThreads) {
-    const int r = i / CH, c = i % CH;
-    const bool ok = r < rows_here;
-    const T* qs = ok ? qg + geo.q_offset(p, row_begin + r, p.q_stride) + c * 8 : qg;
-    const T* ds = ok ? dog + geo.q_offset(p, row_begin + r, dout_stride) + c * 8 : dog;
-    cp_async16(&Qs[sw128<R>(r, c * 8)], qs, ok ? 16 : 0);
-    cp_async16(&dOs[sw128<R>(r, c * 8)], ds, ok ? 16 : 0);
-  }
+  gather_rows<T, D, R>(p, geo, qg, p.q_stride, row_begin, rows_here, Qs, tid, kThreads);
+  gather_rows<T, D, R>(p, geo, dog, dout_stride, row_begin, rows_here, dOs, tid, kThreads);
   for (int r = tid; r < R; r += kThreads) {
     float lse2 = INFINITY, delta = 0.f;  // padding rows and rows with no key: P = 0
     if (r < rows_here) {
@@ -161,8 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
     const uint32_t kt = k_addr + st * kTK * D * 2, vt = v_addr + st * kTK * D * 2;
     const float* bias = tile_bias + st * kTK;
     const float* gate = tile_gate + st * kTK;
-    const int last_key = min((n + 1) * kTK, geo.L) - 1;
-    const bool need_mask = last_key >= geo.wstart && geo.wb + (last_key - geo.wstart) > geo.first_pos;
+    const bool need_mask = geo.tile_needs_mask((n + 1) * kTK);
     const bool tile_has_sel = want_dgate && n * kTK < geo.wstart && (n + 1) * kTK > geo.n_sink;
 
     float col[kTK / 8][2];

@@ -66,13 +66,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
   const T* kg = static_cast<const T*>(p.k) + geo.b * p.k_stride[0] + geo.h * p.k_stride[1];
   const T* vg = static_cast<const T*>(p.v) + geo.b * p.v_stride[0] + geo.h * p.v_stride[1];
 
-  // Q rows of the CTA (zeros past rows_here).
-  for (int i = tid; i < kRows * CH; i += kThreads) {
-    const int r = i / CH, c = i % CH;
-    const bool ok = r < rows_here;
-    const T* src = ok ? qg + geo.q_offset(p, row_begin + r, p.q_stride) + c * 8 : qg;
-    cp_async16(&Qs[sw128<kRows>(r, c * 8)], src, ok ? 16 : 0);
-  }
+  gather_rows<T, D, kRows>(p, geo, qg, p.q_stride, row_begin, rows_here, Qs, tid, kThreads);
 
   int meta_base = tile_begin * kBC;
   auto load_meta = [&](int b0) { geo.load_keys(p, b0, tile_end * kBC, kMeta, meta_pos, meta_bias, tid, kThreads); };
@@ -141,8 +135,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
       issue_tile(n + 1, st ^ 1);
     }
     const float* bias = tile_bias + st * kBC;
-    const int last_key = min((n + 1) * kBC, geo.L) - 1;
-    const bool need_mask = last_key >= geo.wstart && geo.wb + (last_key - geo.wstart) > geo.first_pos;
+    const bool need_mask = geo.tile_needs_mask((n + 1) * kBC);
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) {
       // Pending: S of rb..RB-1 and PV of 0..rb-1, RB groups; S of rb is the oldest.

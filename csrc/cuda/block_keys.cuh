@@ -1,5 +1,6 @@
 // The keys one query block attends (DESIGN.md "Keys of one query block"), shared by the forward
-// and backward kernels: sinks, then Sel(p0) with its gates as log-bias, then the window.
+// and backward kernels: sinks, then Sel(p0) with its gates as log-bias, then the window; and the
+// gathers of a CTA's key tiles and query rows into shared memory.
 #pragma once
 
 #include <cmath>
@@ -88,7 +89,28 @@ struct BlockGeo {
   // Causal limit of row gr in list indices: key i of the list is masked for the row when
   // i > last_visible(gr) (only window keys ever are: sinks and Sel precede the block).
   __device__ __forceinline__ int last_visible(int gr) const { return position(gr) - wb + wstart; }
+  // Whether a tile of the list ending before index `end` needs the causal mask at all: its last
+  // key is a window key past the block's first query. (Most tiles do not.)
+  __device__ __forceinline__ bool tile_needs_mask(int end) const {
+    const int last_key = min(end, L) - 1;
+    return last_key >= wstart && wb + (last_key - wstart) > first_pos;
+  }
 };
+
+// Copies the CTA's rows [row_begin, row_begin + R) of a [B, Hq, Nq, D] tensor with the given
+// strides into a tile in the sw128 layout (cp.async, the caller commits); rows from rows_here on
+// are zeros.
+template <typename T, int D, int R>
+__device__ __forceinline__ void gather_rows(const AttnParams& p, const BlockGeo& geo, const T* src,
+                                            const int64_t* stride, int row_begin, int rows_here, T* dst, int tid,
+                                            int threads) {
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  for (int i = tid; i < R * CH; i += threads) {
+    const int r = i / CH, c = i % CH;
+    const bool ok = r < rows_here;
+    cp_async16(&dst[sw128<R>(r, c * 8)], ok ? src + geo.q_offset(p, row_begin + r, stride) + c * 8 : src, ok ? 16 : 0);
+  }
+}
 
 // Gathers the K and V rows of BC keys at positions pos[0..BC) (-1: a zero row) into shared tiles
 // with cp.async (the caller commits); at(row, col) is the tile layout's element offset. kg / vg
