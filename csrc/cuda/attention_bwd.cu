@@ -85,8 +85,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   const int64_t dout_stride[3] = {static_cast<int64_t>(p.q_heads) * p.num_queries * D,
                                   static_cast<int64_t>(p.num_queries) * D, D};
 
-  gather_rows<T, D, R>(p, geo, qg, p.q_stride, row_begin, rows_here, Qs, tid, kThreads);
-  gather_rows<T, D, R>(p, geo, dog, dout_stride, row_begin, rows_here, dOs, tid, kThreads);
+  gather_rows<T, D, R, kThreads>(p, geo, qg, p.q_stride, row_begin, rows_here, Qs, tid);
+  gather_rows<T, D, R, kThreads>(p, geo, dog, dout_stride, row_begin, rows_here, dOs, tid);
   for (int r = tid; r < R; r += kThreads) {
     float lse2 = INFINITY, delta = 0.f;  // padding rows and rows with no key: P = 0
     if (r < rows_here) {
@@ -102,9 +102,9 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   int meta_base = 0;
   auto load_meta = [&](int b0) { geo.load_keys(p, b0, tiles * kTK, kMeta, meta_pos, meta_bias, tid, kThreads); };
   auto issue_tile = [&](int n, int st) {
-    gather_kv_tile<T, D, kTK>(kg, vg, p.k_stride[2], p.v_stride[2], meta_pos + n * kTK - meta_base,
-                              Ks + st * kTK * D, Vs + st * kTK * D, tid, kThreads,
-                              [](int r, int c) { return sw128<kTK>(r, c); });
+    gather_kv_tile<T, D, kTK, kThreads>(kg, vg, p.k_stride[2], p.v_stride[2], meta_pos + n * kTK - meta_base,
+                                        Ks + st * kTK * D, Vs + st * kTK * D, tid,
+                                        [](int r, int c) { return sw128<kTK>(r, c); });
     if (tid < kTK) {
       const float b2 = meta_bias[n * kTK + tid - meta_base];
       tile_bias[st * kTK + tid] = b2;
@@ -244,13 +244,14 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
     float acc[D / 64][kTK / 2];
     {
       const uint32_t a_addr = wg == 0 ? do_addr : q_addr, b_addr = wg == 0 ? p_addr : ds_addr;
+      const uint64_t a = wgmma_desc(a_addr, kRowPanel, 1024), b = wgmma_desc(b_addr, 64, 512, kSwizzle64);
       wgmma_fence();
 #pragma unroll
       for (int mb = 0; mb < D / 64; ++mb)
 #pragma unroll
         for (int kr = 0; kr < R / 16; ++kr)
-          Wgmma<T, kTK>::template ss<1, 1>(acc[mb], wgmma_desc(a_addr + mb * kRowPanel + kr * 2048, kRowPanel, 1024),
-                                           wgmma_desc(b_addr + kr * 1024, 64, 512, kSwizzle64), kr);
+          Wgmma<T, kTK>::template ss<1, 1>(acc[mb], wgmma_desc_add(a, mb * kRowPanel + kr * 2048),
+                                           wgmma_desc_add(b, kr * 1024), kr);
       wgmma_commit();
     }
     if (tile_has_sel && tid < kTK) {

@@ -66,14 +66,14 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
   const T* kg = static_cast<const T*>(p.k) + geo.b * p.k_stride[0] + geo.h * p.k_stride[1];
   const T* vg = static_cast<const T*>(p.v) + geo.b * p.v_stride[0] + geo.h * p.v_stride[1];
 
-  gather_rows<T, D, kRows>(p, geo, qg, p.q_stride, row_begin, rows_here, Qs, tid, kThreads);
+  gather_rows<T, D, kRows, kThreads>(p, geo, qg, p.q_stride, row_begin, rows_here, Qs, tid);
 
   int meta_base = tile_begin * kBC;
   auto load_meta = [&](int b0) { geo.load_keys(p, b0, tile_end * kBC, kMeta, meta_pos, meta_bias, tid, kThreads); };
   auto issue_tile = [&](int n, int st) {
-    gather_kv_tile<T, D, kBC>(kg, vg, p.k_stride[2], p.v_stride[2], meta_pos + n * kBC - meta_base,
-                              Ks + st * kBC * D, Vs + st * kBC * D, tid, kThreads,
-                              [](int r, int c) { return sw128<kBC>(r, c); });
+    gather_kv_tile<T, D, kBC, kThreads>(kg, vg, p.k_stride[2], p.v_stride[2], meta_pos + n * kBC - meta_base,
+                                        Ks + st * kBC * D, Vs + st * kBC * D, tid,
+                                        [](int r, int c) { return sw128<kBC>(r, c); });
     if (tid < kBC) tile_bias[st * kBC + tid] = meta_bias[n * kBC + tid - meta_base];
     cp_async_commit();
   };

@@ -98,29 +98,35 @@ struct BlockGeo {
 };
 
 // Copies the CTA's rows [row_begin, row_begin + R) of a [B, Hq, Nq, D] tensor with the given
-// strides into a tile in the sw128 layout (cp.async, the caller commits); rows from rows_here on
-// are zeros.
-template <typename T, int D, int R>
+// strides into a tile in the sw128 layout (cp.async by the CTA's Threads threads, the caller
+// commits); rows from rows_here on are zeros.
+template <typename T, int D, int R, int Threads>
 __device__ __forceinline__ void gather_rows(const AttnParams& p, const BlockGeo& geo, const T* src,
-                                            const int64_t* stride, int row_begin, int rows_here, T* dst, int tid,
-                                            int threads) {
+                                            const int64_t* stride, int row_begin, int rows_here, T* dst, int tid) {
   constexpr int CH = D / 8;  // 16-byte chunks per row
-  for (int i = tid; i < R * CH; i += threads) {
-    const int r = i / CH, c = i % CH;
+  static_assert(R * CH % Threads == 0, "whole rounds of 16-byte pieces");
+#pragma unroll 4
+  for (int it = 0; it < R * CH / Threads; ++it) {
+    const int i = tid + it * Threads, r = i / CH, c = i % CH;
     const bool ok = r < rows_here;
     cp_async16(&dst[sw128<R>(r, c * 8)], ok ? src + geo.q_offset(p, row_begin + r, stride) + c * 8 : src, ok ? 16 : 0);
   }
 }
 
 // Gathers the K and V rows of BC keys at positions pos[0..BC) (-1: a zero row) into shared tiles
-// with cp.async (the caller commits); at(row, col) is the tile layout's element offset. kg / vg
-// point at the (batch, kv head) rows.
-template <typename T, int D, int BC, typename Layout>
+// with cp.async by the CTA's Threads threads (the caller commits); at(row, col) is the tile
+// layout's element offset. kg / vg point at the (batch, kv head) rows. The trip count is a
+// constant (the gather runs every tile, in issue-bound warps: a runtime-bounded loop cost the
+// backward about 100 instructions per warp and tile); unrolled by two, as four spilled in the
+// forward.
+template <typename T, int D, int BC, int Threads, typename Layout>
 __device__ __forceinline__ void gather_kv_tile(const T* kg, const T* vg, int64_t k_row_stride, int64_t v_row_stride,
-                                               const int* pos, T* kd, T* vd, int tid, int threads, Layout at) {
+                                               const int* pos, T* kd, T* vd, int tid, Layout at) {
   constexpr int CH = D / 8;  // 16-byte chunks per row
-  for (int i = tid; i < BC * CH; i += threads) {
-    const int kr = i / CH, c = i % CH;
+  static_assert(BC * CH % Threads == 0, "whole rounds of 16-byte pieces");
+#pragma unroll 2
+  for (int it = 0; it < BC * CH / Threads; ++it) {
+    const int i = tid + it * Threads, kr = i / CH, c = i % CH;
     const int p = pos[kr];
     const bool ok = p >= 0;
     cp_async16(&kd[at(kr, c * 8)], ok ? kg + p * k_row_stride + c * 8 : kg, ok ? 16 : 0);

@@ -31,6 +31,16 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_byte_addr, uint32_t
   return static_cast<uint64_t>((smem_byte_addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
          (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (swizzle << 62);
 }
+// The descriptor of the address byte_offset bytes (a multiple of 16) past desc's: one add to the
+// start-address field, which cannot carry (shared addresses stay below 2^18). The products build
+// one descriptor per operand and step it per k-step, instead of masking and shifting each time:
+// the backward issues 68 wgmma per tile and its warps are bound by their instruction streams.
+__device__ __forceinline__ uint64_t wgmma_desc_add(uint64_t desc, uint32_t byte_offset) {
+  uint64_t r;  // (assembled in PTX so that the compiler keeps it one 32-bit add)
+  asm("mov.b64 %0, {%1, %2};" : "=l"(r) : "r"(static_cast<uint32_t>(desc) + (byte_offset >> 4)),
+      "r"(static_cast<uint32_t>(desc >> 32)));
+  return r;
+}
 
 // D (+)= A B, m64 x N x k16. SS: A and B from descriptors; RS: A from registers (4 x 32 bits of
 // the warp's 16 rows, mma.sync's A fragment). TA / TB = 1: the operand is MN-major in memory.
@@ -166,10 +176,11 @@ struct Wgmma<__half, 128> {
 template <typename T, int N, int D>
 __device__ __forceinline__ void wgmma_rows_by_rows(float (&acc)[N / 2], uint32_t a_addr, uint32_t a_panel,
                                                    uint32_t b_addr, uint32_t b_panel) {
+  const uint64_t a = wgmma_desc(a_addr, 16, 1024), b = wgmma_desc(b_addr, 16, 1024);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
-    Wgmma<T, N>::template ss<0, 0>(acc, wgmma_desc(a_addr + (kk >> 2) * a_panel + (kk & 3) * 32, 16, 1024),
-                                   wgmma_desc(b_addr + (kk >> 2) * b_panel + (kk & 3) * 32, 16, 1024), kk);
+    Wgmma<T, N>::template ss<0, 0>(acc, wgmma_desc_add(a, (kk >> 2) * a_panel + (kk & 3) * 32),
+                                   wgmma_desc_add(b, (kk >> 2) * b_panel + (kk & 3) * 32), kk);
 }
 
 // acc += A B with A = an m64 x K product c still in its accumulator fragments (the C fragments of
@@ -184,10 +195,10 @@ __device__ __forceinline__ void wgmma_fragments_by_tile(float (&acc)[N / 2], con
   for (int kk = 0; kk < K / 16; ++kk)
 #pragma unroll
     for (int i = 0; i < 4; ++i) a[kk][i] = Mma<T>::pack(c[8 * kk + 2 * i], c[8 * kk + 2 * i + 1]);
+  const uint64_t b = wgmma_desc(b_addr, b_panel, 1024);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk)
-    Wgmma<T, N>::template rs<1>(acc, a[kk], wgmma_desc(b_addr + kk * 2048, b_panel, 1024), 1);
+  for (int kk = 0; kk < K / 16; ++kk) Wgmma<T, N>::template rs<1>(acc, a[kk], wgmma_desc_add(b, kk * 2048), 1);
 }
 
 
