@@ -11,7 +11,8 @@
 // then, over all rows of the CTA (P and dS staged in shared memory, one barrier):
 //   warpgroup 0: dV^T = dO^T P, warpgroup 1: dK^T = Q^T dS    wgmma m64n32 per 64 head dims
 // and the products go to the global fp32 dk / dv buffers as 16-byte reductions (a key is shared
-// by many query blocks), transposed through the warpgroup's P or dS buffer. Registers (dQ of RB row blocks) and shared memory are what keep the tile at 32 keys.
+// by many query blocks), transposed through the warpgroup's P or dS buffer. Registers (dQ of RB
+// row blocks) and shared memory are what keep the tile at 32 keys.
 // Q, dO, K and V tiles are D/64 panels of rows x 64 elements with wgmma's 128-byte swizzle; P and
 // dS rows of 32 keys with the 64-byte swizzle. d scores from dgate run afterwards
 // (scores_grad_* below), like scores_grad_cpu.
@@ -36,7 +37,7 @@ constexpr size_t bwd_smem_bytes() {
   // Q, dO [R][D]; K, V [2][kTK][D]; P, dS (all 1024-byte multiples); lse2, delta [R]; metadata;
   // per-stage bias, gate and position; per-warp dgate sums; 1024 bytes to align the base.
   return static_cast<size_t>(2 * R * D + 4 * kTK * D + 2 * ps_elems<D, RB>()) * 2 + 2 * R * 4 + kMeta * 8 +
-         2 * kTK * 12 + 8 * kTK * 4 + 1024;
+         2 * kTK * 12 + 8 * kTK * 4 + kSmemAlignSlack;
 }
 
 __device__ __forceinline__ void red_add_v4(float* dst, float4 a) {
@@ -48,7 +49,7 @@ template <typename T, int D, int RB>
 __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, const BwdParams gp) {
   constexpr int R = 128 * RB;  // rows of the CTA
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* base = smem_raw + smem_align_offset(smem_raw);
   T* Qs = reinterpret_cast<T*>(base);
   T* dOs = Qs + R * D;
   T* Ks = dOs + R * D;
@@ -135,7 +136,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
       lim[rb][hr] = lr < rows_here ? geo.last_visible(row_begin + lr) : 0x3fffffff;
     }
 
-  // Shared-memory byte addresses of the operands (descriptors are built per k-step from them).
+  // Shared-memory byte addresses of the operands (each product builds its descriptors from them once).
   const uint32_t q_addr = smem_addr(Qs), do_addr = smem_addr(dOs), k_addr = smem_addr(Ks), v_addr = smem_addr(Vs);
   const uint32_t p_addr = smem_addr(Ps), ds_addr = smem_addr(dSs);
   constexpr uint32_t kRowPanel = R * 128, kKeyPanel = kTK * 128;  // bytes of one 64-column panel

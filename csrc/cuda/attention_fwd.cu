@@ -27,14 +27,14 @@ constexpr int kMeta = 4096; // keys whose position and bias sit in shared memory
 // Q [128 * RB][D]; K, V [2][kBC][D]; metadata; per-stage bias; 1024 bytes to align the base.
 template <int D, int RB>
 constexpr size_t fwd_smem_bytes() {
-  return static_cast<size_t>(128 * RB * D + 4 * kBC * D) * 2 + kMeta * 8 + 2 * kBC * 4 + 1024;
+  return static_cast<size_t>(128 * RB * D + 4 * kBC * D) * 2 + kMeta * 8 + 2 * kBC * 4 + kSmemAlignSlack;
 }
 
 template <typename T, int D, int RB>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, const FwdOut o) {
   constexpr int kRows = 128 * RB;  // rows of the CTA
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* base = smem_raw + smem_align_offset(smem_raw);
   T* Qs = reinterpret_cast<T*>(base);
   T* Ks = Qs + kRows * D;
   T* Vs = Ks + 2 * kBC * D;

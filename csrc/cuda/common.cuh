@@ -41,6 +41,14 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// The swizzled tiles want 1024-byte alignment (wgmma's 128-byte swizzle atom) and dynamic shared
+// memory promises less: each kernel asks for kSmemAlignSlack bytes more and starts its tiles
+// smem_align_offset(raw) bytes into its raw buffer.
+constexpr int kSmemAlignSlack = 1024;
+__device__ __forceinline__ uint32_t smem_align_offset(const void* raw) {
+  return (1024 - (smem_addr(raw) & 1023)) & 1023;
+}
+
 // 16-byte global -> shared copy; src_bytes = 0 writes zeros (padding rows and keys).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
