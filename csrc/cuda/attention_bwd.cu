@@ -128,13 +128,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   const bool want_dgate = gp.dgate != nullptr;
   const int64_t dgate_base = (static_cast<int64_t>(row) * p.num_blocks + t) * p.width - geo.n_sink;
   int lim[RB][2];
-#pragma unroll
-  for (int rb = 0; rb < RB; ++rb)
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int lr = (wg * RB + rb) * 64 + wq * 16 + hr * 8 + g;
-      lim[rb][hr] = lr < rows_here ? geo.last_visible(row_begin + lr) : 0x3fffffff;
-    }
+  causal_limits<RB>(geo, row_begin, rows_here, wg, wq, g, lim);
 
   // Shared-memory byte addresses of the operands (each product builds its descriptors from them once).
   const uint32_t q_addr = smem_addr(Qs), do_addr = smem_addr(dOs), k_addr = smem_addr(Ks), v_addr = smem_addr(Vs);
@@ -301,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   for (int rb = 0; rb < RB; ++rb)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int lr = (wg * RB + rb) * 64 + wq * 16 + hr * 8 + g;
+      const int lr = fragment_row<RB>(wg, rb, wq, hr, g);
       if (lr < rows_here) {
         T* rowp = dqg + geo.row_index(p, row_begin + lr) * D + 2 * c4;
 #pragma unroll

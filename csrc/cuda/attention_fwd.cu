@@ -90,13 +90,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
   const int g = lane >> 2, c4 = lane & 3;
   // Causal limit per row: key column kk of tile n is masked when kk > lim - n * kBC.
   int lim[RB][2];
-#pragma unroll
-  for (int rb = 0; rb < RB; ++rb)
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int lr = (wg * RB + rb) * 64 + wq * 16 + hr * 8 + g;
-      lim[rb][hr] = lr < rows_here ? geo.last_visible(row_begin + lr) : 0x3fffffff;
-    }
+  causal_limits<RB>(geo, row_begin, rows_here, wg, wq, g, lim);
 
   const uint32_t q_addr = smem_addr(Qs), k_addr = smem_addr(Ks), v_addr = smem_addr(Vs);
   constexpr uint32_t kRowPanel = kRows * 128, kKeyPanel = kBC * 128;  // bytes of one 64-column panel
@@ -203,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
       lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
       const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
       const float lse = lsum > 0.f ? (m[rb][hr] + log2f(lsum)) * kLn2 : -INFINITY;
-      const int lr = (wg * RB + rb) * 64 + wq * 16 + hr * 8 + g;
+      const int lr = fragment_row<RB>(wg, rb, wq, hr, g);
       const bool ok = lr < rows_here;
       const int64_t ri = ok ? geo.row_index(p, row_begin + lr) : 0;
       if (o.num_splits > 1) {

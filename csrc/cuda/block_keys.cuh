@@ -97,6 +97,27 @@ struct BlockGeo {
   }
 };
 
+// Row of the CTA in accumulator half hr (fragment rows g and g + 8) of row block rb of this thread:
+// the CTA's rows are two warpgroups of RB row blocks of 64, and warp wq of a warpgroup holds rows
+// [16 wq, 16 wq + 16) of each of its blocks.
+template <int RB>
+__device__ __forceinline__ int fragment_row(int wg, int rb, int wq, int hr, int g) {
+  return (wg * RB + rb) * 64 + wq * 16 + hr * 8 + g;
+}
+
+// Causal limit (BlockGeo::last_visible) of each row this thread holds; no limit for padding rows.
+template <int RB>
+__device__ __forceinline__ void causal_limits(const BlockGeo& geo, int row_begin, int rows_here, int wg, int wq, int g,
+                                              int (&lim)[RB][2]) {
+#pragma unroll
+  for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int lr = fragment_row<RB>(wg, rb, wq, hr, g);
+      lim[rb][hr] = lr < rows_here ? geo.last_visible(row_begin + lr) : 0x3fffffff;
+    }
+}
+
 // Copies the CTA's rows [row_begin, row_begin + R) of a [B, Hq, Nq, D] tensor with the given
 // strides into a tile in the sw128 layout (cp.async by the CTA's Threads threads, the caller
 // commits); rows from rows_here on are zeros.
