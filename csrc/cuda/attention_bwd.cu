@@ -66,10 +66,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   float* tile_dg = reinterpret_cast<float*>(tile_pos + 2 * kTK);  // [warps][kTK] dgate sums
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wg = tid >> 7, wq = warp & 3;  // warpgroup, warp within it
-  const int row = blockIdx.y;
-  const int chunk = blockIdx.x % p.row_chunks;
-  const int t = blockIdx.x / p.row_chunks;
+  // The warpgroup, broadcast so that the compiler knows it is warp-uniform (the descriptors derived
+  // from it then live in uniform registers), and the warp within it.
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0), wq = warp & 3;
+  const CtaWork work = CtaWork::of(p, 1);
+  const int row = work.row, chunk = work.chunk, t = work.t;
 
   BlockGeo geo;
   geo.init(p, row, t);
@@ -309,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 template <typename T, int D, int RB>
 void launch_bwd_rows(const AttnParams& p, const BwdParams& g, cudaStream_t stream) {
   constexpr size_t smem = bwd_smem_bytes<D, RB>();
-  const dim3 grid(p.num_blocks * p.row_chunks, p.batch * p.kv_heads);
+  const dim3 grid = CtaWork::grid(p, 1);
   cudaFuncSetAttribute(bwd_kernel<T, D, RB>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   bwd_kernel<T, D, RB><<<grid, kThreads, smem, stream>>>(p, g);
 }

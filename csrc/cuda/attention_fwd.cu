@@ -44,13 +44,11 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
 
   constexpr int CH = D / 8;  // 16-byte chunks per row
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wg = tid >> 7, wq = warp & 3;
-  const int row = blockIdx.y;
-  int x = blockIdx.x;
-  const int split = x % o.num_splits;
-  x /= o.num_splits;
-  const int chunk = x % p.row_chunks;
-  const int t = x / p.row_chunks;
+  // The warpgroup, broadcast so that the compiler knows it is warp-uniform: the descriptors derived
+  // from it then live in uniform registers instead of being moved there for every wgmma.
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0), wq = warp & 3;
+  const CtaWork work = CtaWork::of(p, o.num_splits);
+  const int row = work.row, split = work.split, chunk = work.chunk, t = work.t;
 
   BlockGeo geo;
   geo.init(p, row, t);
@@ -264,7 +262,7 @@ __global__ void merge_splits_kernel(const FwdOut o, int64_t rows_all) {
 template <typename T, int D, int RB>
 void launch_fwd_rows(const AttnParams& p, const FwdOut& o, cudaStream_t stream) {
   constexpr size_t smem = fwd_smem_bytes<D, RB>();
-  const dim3 grid(p.num_blocks * p.row_chunks * o.num_splits, p.batch * p.kv_heads);
+  const dim3 grid = CtaWork::grid(p, o.num_splits);
   cudaFuncSetAttribute(fwd_kernel<T, D, RB>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   fwd_kernel<T, D, RB><<<grid, kThreads, smem, stream>>>(p, o);
 }

@@ -97,6 +97,30 @@ struct BlockGeo {
   }
 };
 
+// The work of one CTA: its (batch x kv head) row, key-list split, row chunk and query block. The
+// grid is one-dimensional and goes out longest first: the last query block first (the first
+// blocks' key lists are the short ones) and kv heads fastest, so the last wave is short CTAs
+// rather than full ones (the backward at N = 32768 is about 31 waves of 0.35 ms CTAs).
+struct CtaWork {
+  int row, split, chunk, t;
+
+  __device__ __forceinline__ static CtaWork of(const AttnParams& p, int splits) {
+    const unsigned rows = static_cast<unsigned>(p.batch * p.kv_heads);
+    unsigned x = blockIdx.x / rows;
+    CtaWork w;
+    w.row = static_cast<int>(blockIdx.x % rows);
+    w.split = static_cast<int>(x % splits);
+    x /= splits;
+    w.chunk = static_cast<int>(x % p.row_chunks);
+    w.t = p.num_blocks - 1 - static_cast<int>(x / p.row_chunks);
+    return w;
+  }
+  // The grid of that order (the host checks that it stays below 2^31 CTAs).
+  static dim3 grid(const AttnParams& p, int splits) {
+    return dim3(static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.kv_heads * p.num_blocks * p.row_chunks * splits));
+  }
+};
+
 // Row of the CTA in accumulator half hr (fragment rows g and g + 8) of row block rb of this thread:
 // the CTA's rows are two warpgroups of RB row blocks of 64, and warp wq of a warpgroup holds rows
 // [16 wq, 16 wq + 16) of each of its blocks.

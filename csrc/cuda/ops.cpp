@@ -218,6 +218,10 @@ AttnParams attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t block_rows = p.group * std::min<int64_t>(geo.block_q, geo.num_queries);
   p.row_blocks = block_rows > 128 ? 2 : 1;
   p.row_chunks = static_cast<int>((block_rows + 128 * p.row_blocks - 1) / (128 * p.row_blocks));
+  // One-dimensional grids (CtaWork), split up to 64 ways for decode.
+  const int64_t ctas = int64_t(p.batch) * p.kv_heads * p.num_blocks * p.row_chunks;
+  SPARSEK_CHECK_VALUE(ctas * 64 < (int64_t(1) << 31), "the CUDA kernels take fewer than 2^25 (batch x kv head x query ",
+                      "block) work items, got ", ctas);
   return p;
 }
 
