@@ -136,6 +136,19 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   const uint32_t p_addr = smem_addr(Ps), ds_addr = smem_addr(dSs);
   constexpr uint32_t kRowPanel = R * 128, kKeyPanel = kTK * 128;  // bytes of one 64-column panel
 
+  // lse and delta of this thread's rows (staged above, before the first barrier) in registers: the
+  // tile loop's shared-memory traffic competes with the products' operand reads (its bias / gate
+  // columns are read as pairs for the same reason).
+  float lse_r[RB][2], delta_r[RB][2];
+#pragma unroll
+  for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int lr = fragment_row<RB>(wg, rb, wq, hr, g);
+      lse_r[rb][hr] = lse_s[lr];
+      delta_r[rb][hr] = delta_s[lr];
+    }
+
   float dq[RB][D / 2];
 #pragma unroll
   for (int rb = 0; rb < RB; ++rb)
@@ -180,33 +193,36 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
       // s <- P (gated); then dp <- dS (gated); colsum of the ungated dS for dgate.
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        const float lse2 = lse_s[wrow + hr * 8 + g];
+        const float lse2 = lse_r[rb][hr];
         const int limit = lim[rb][hr] - n * kTK;
 #pragma unroll
-        for (int j = 0; j < kTK / 8; ++j)
+        for (int j = 0; j < kTK / 8; ++j) {
+          const float2 bb = *reinterpret_cast<const float2*>(&bias[j * 8 + 2 * c4]);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int kc = j * 8 + 2 * c4 + e;
-            const bool masked = bias[kc] == -INFINITY || (need_mask && kc > limit);
+            const bool masked = (e ? bb.y : bb.x) == -INFINITY || (need_mask && kc > limit);
             s[4 * j + 2 * hr + e] = masked ? 0.f : exp2f(s[4 * j + 2 * hr + e] * scale2 - lse2);
           }
+        }
       }
       wgmma_wait<0>();
       wgmma_pin(dp);
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const int lr = wrow + hr * 8 + g;
-        const float delta = delta_s[lr];
+        const float delta = delta_r[rb][hr];
 #pragma unroll
         for (int j = 0; j < kTK / 8; ++j) {
+          const float2 gg = *reinterpret_cast<const float2*>(&gate[j * 8 + 2 * c4]);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int kc = j * 8 + 2 * c4 + e;
+            const float gt = e ? gg.y : gg.x;
             const float praw = s[4 * j + 2 * hr + e];
             const float dsraw = praw * (dp[4 * j + 2 * hr + e] - delta);
             col[j][e] += dsraw;
-            s[4 * j + 2 * hr + e] = praw * gate[kc];
-            dp[4 * j + 2 * hr + e] = dsraw * gate[kc];
+            s[4 * j + 2 * hr + e] = praw * gt;
+            dp[4 * j + 2 * hr + e] = dsraw * gt;
           }
           *reinterpret_cast<uint32_t*>(&Ps[sw64(lr, j * 8 + 2 * c4)]) = Mma<T>::pack(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]);
           *reinterpret_cast<uint32_t*>(&dSs[sw64(lr, j * 8 + 2 * c4)]) =
