@@ -66,9 +66,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   float* tile_dg = reinterpret_cast<float*>(tile_pos + 2 * kTK);  // [warps][kTK] dgate sums
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // The warpgroup, broadcast so that the compiler knows it is warp-uniform (the descriptors derived
-  // from it then live in uniform registers), and the warp within it.
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0), wq = warp & 3;
+  const int wg = warpgroup_index(), wq = warp & 3;  // warpgroup, warp within it
   const CtaWork work = CtaWork::of(p, 1);
   const int row = work.row, chunk = work.chunk, t = work.t;
 

@@ -44,9 +44,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
 
   constexpr int CH = D / 8;  // 16-byte chunks per row
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // The warpgroup, broadcast so that the compiler knows it is warp-uniform: the descriptors derived
-  // from it then live in uniform registers instead of being moved there for every wgmma.
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0), wq = warp & 3;
+  const int wg = warpgroup_index(), wq = warp & 3;
   const CtaWork work = CtaWork::of(p, o.num_splits);
   const int row = work.row, split = work.split, chunk = work.chunk, t = work.t;
 

@@ -161,9 +161,8 @@ __device__ __forceinline__ void gather_rows(const AttnParams& p, const BlockGeo&
 // Gathers the K and V rows of BC keys at positions pos[0..BC) (-1: a zero row) into shared tiles
 // with cp.async by the CTA's Threads threads (the caller commits); at(row, col) is the tile
 // layout's element offset. kg / vg point at the (batch, kv head) rows. The trip count is a
-// constant (the gather runs every tile, in issue-bound warps: a runtime-bounded loop cost the
-// backward about 100 instructions per warp and tile); unrolled by two, as four spilled in the
-// forward.
+// constant (the gather runs every tile: a runtime-bounded loop cost the backward about 100
+// instructions per warp and tile); unrolled by two, as four spilled in the forward.
 template <typename T, int D, int BC, int Threads, typename Layout>
 __device__ __forceinline__ void gather_kv_tile(const T* kg, const T* vg, int64_t k_row_stride, int64_t v_row_stride,
                                                const int* pos, T* kd, T* vd, int tid, Layout at) {

@@ -34,7 +34,7 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_byte_addr, uint32_t
 // The descriptor of the address byte_offset bytes (a multiple of 16) past desc's: one add to the
 // start-address field, which cannot carry (shared addresses stay below 2^18). The products build
 // one descriptor per operand and step it per k-step, instead of masking and shifting each time:
-// the backward issues 68 wgmma per tile and its warps are bound by their instruction streams.
+// the backward issues 68 wgmma per tile (about 450 instructions built their descriptors before).
 __device__ __forceinline__ uint64_t wgmma_desc_add(uint64_t desc, uint32_t byte_offset) {
   uint64_t r;  // (assembled in PTX so that the compiler keeps it one 32-bit add)
   asm("mov.b64 %0, {%1, %2};" : "=l"(r) : "r"(static_cast<uint32_t>(desc) + (byte_offset >> 4)),
