@@ -3,28 +3,31 @@
 // One CTA = one (batch, kv head, query block) and up to 128 * RB query rows of the GQA group: two
 // warpgroups of RB row blocks of 64 rows. RB = 2 when the block has more than 128 rows (the group
 // of four heads of the benchmark): dK / dV are then added once per block instead of twice, and
-// those adds bound the kernel. For each gathered tile of 32 keys, each warpgroup, per row block:
-//   S = Q K^T, dP = dO V^T                      wgmma m64n32, Q / dO / K / V in shared memory
+// those adds bound the kernel. For each gathered tile of 64 keys, each warpgroup, per row block:
+//   S = Q K^T, dP = dO V^T                      wgmma m64n64, Q / dO / K / V in shared memory
 //   P = exp2(S*scale*log2e - lse2) * gate,  dS = P_raw (dP - delta) * gate       (registers)
 //   dgate[slot] += sum over rows of P_raw (dP - delta)        (selected keys only)
 //   dQ += dS K                                  wgmma m64nD, dS from registers (one write at the end)
 // then, over all rows of the CTA (P and dS staged in shared memory, one barrier):
-//   warpgroup 0: dV^T = dO^T P, warpgroup 1: dK^T = Q^T dS    wgmma m64n32 per 64 head dims
+//   warpgroup 0: dV^T = dO^T P, warpgroup 1: dK^T = Q^T dS    wgmma m64n64 per 64 head dims
 // and the products go to the global fp32 dk / dv buffers as 16-byte reductions (a key is shared
-// by many query blocks), transposed through the warpgroup's P or dS buffer. Registers (dQ of RB
-// row blocks) and shared memory are what keep the tile at 32 keys.
-// Q, dO, K and V tiles are D/64 panels of rows x 64 elements with wgmma's 128-byte swizzle; P and
-// dS rows of 32 keys with the 64-byte swizzle. d scores from dgate run afterwards
-// (scores_grad_* below), like scores_grad_cpu.
+// by many query blocks), transposed through the warpgroup's P or dS buffer.
+// The products run at shared-memory speed, so the tile is as wide as registers and shared memory
+// allow: 64 keys read Q / dO once per 64 keys (32-key tiles read them twice as often). dQ of RB
+// row blocks holds 128 of the 255 registers; shared memory is full at D = 128, RB = 2, which is
+// why K / V have one buffer (the next tile's gather goes out once dQ has read this one, and lands
+// under dV / dK and the reductions), the key list comes two tiles ahead through registers rather
+// than from a metadata array, and lse / delta are read straight into registers.
+// Q, dO, K, V, P and dS are panels of rows x 64 elements with wgmma's 128-byte swizzle. d scores
+// from dgate run afterwards (scores_grad_* below), like scores_grad_cpu.
 #include "block_keys.cuh"
 #include "wgmma.cuh"
 
 namespace sparsek_cuda {
 namespace {
 
-constexpr int kMeta = 2048;
 constexpr int kThreads = 256;  // two warpgroups
-constexpr int kTK = 32;         // keys per tile
+constexpr int kTK = 64;         // keys per tile
 
 // P and dS buffers (elements): each also stages one warpgroup's fp32 dV^T / dK^T tile for the
 // vector reductions.
@@ -34,15 +37,33 @@ constexpr int ps_elems() { return 128 * RB * kTK > kTK * D * 2 ? 128 * RB * kTK 
 template <int D, int RB>
 constexpr size_t bwd_smem_bytes() {
   constexpr int R = 128 * RB;
-  // Q, dO [R][D]; K, V [2][kTK][D]; P, dS (all 1024-byte multiples); lse2, delta [R]; metadata;
-  // per-stage bias, gate and position; per-warp dgate sums; 1024 bytes to align the base.
-  return static_cast<size_t>(2 * R * D + 4 * kTK * D + 2 * ps_elems<D, RB>()) * 2 + 2 * R * 4 + kMeta * 8 +
-         2 * kTK * 12 + 8 * kTK * 4 + kSmemAlignSlack;
+  // Q, dO [R][D]; K, V [kTK][D] (one buffer each); P, dS; per-stage gate and position; dgate
+  // column sums; 1024 bytes to align the base. At D = 128, RB = 2 that is 231680 of the 232448
+  // bytes a CTA may have.
+  return static_cast<size_t>(2 * R * D + 2 * kTK * D + 2 * ps_elems<D, RB>()) * 2 + 2 * kTK * 8 + kTK * 4 +
+         kSmemAlignSlack;
 }
 
 __device__ __forceinline__ void red_add_v4(float* dst, float4 a) {
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(a.x), "f"(a.y), "f"(a.z), "f"(a.w)
                : "memory");
+}
+
+// Sums over the warp's 8 row groups (lanes xor 4, 8, 16) of the 16 column values col[j][e] of
+// each lane (column 8j + 2 (lane % 4) + e) by halving exchanges (14 shuffles): lane 4g + c4 ends
+// with the columns 8g + 2 c4 + {0, 1} in v.
+__device__ __forceinline__ void column_sums(const float (&col)[8][2], int g, float (&v)[2]) {
+  float a[8], b[4];
+  const bool h2 = g & 4, h1 = g & 2, h0 = g & 1;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {  // keep values 8 h2 + i
+    const float lo = col[i >> 1][i & 1], hi = col[4 + (i >> 1)][i & 1];
+    a[i] = (h2 ? hi : lo) + __shfl_xor_sync(0xffffffffu, h2 ? lo : hi, 16);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) b[i] = (h1 ? a[4 + i] : a[i]) + __shfl_xor_sync(0xffffffffu, h1 ? a[i] : a[4 + i], 8);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) v[i] = (h0 ? b[2 + i] : b[i]) + __shfl_xor_sync(0xffffffffu, h0 ? b[i] : b[2 + i], 4);
 }
 
 template <typename T, int D, int RB>
@@ -53,17 +74,12 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   T* Qs = reinterpret_cast<T*>(base);
   T* dOs = Qs + R * D;
   T* Ks = dOs + R * D;
-  T* Vs = Ks + 2 * kTK * D;
-  T* Ps = Vs + 2 * kTK * D;
+  T* Vs = Ks + kTK * D;
+  T* Ps = Vs + kTK * D;
   T* dSs = Ps + ps_elems<D, RB>();
-  float* lse_s = reinterpret_cast<float*>(dSs + ps_elems<D, RB>());
-  float* delta_s = lse_s + R;
-  int* meta_pos = reinterpret_cast<int*>(delta_s + R);
-  float* meta_bias = reinterpret_cast<float*>(meta_pos + kMeta);
-  float* tile_bias = meta_bias + kMeta;                         // [2][kTK] log2 gate
-  float* tile_gate = tile_bias + 2 * kTK;                       // [2][kTK] gate (0 for masked keys)
-  int* tile_pos = reinterpret_cast<int*>(tile_gate + 2 * kTK);  // [2][kTK]
-  float* tile_dg = reinterpret_cast<float*>(tile_pos + 2 * kTK);  // [warps][kTK] dgate sums
+  float* tile_gate = reinterpret_cast<float*>(dSs + ps_elems<D, RB>());  // [2][kTK] gate (0: masked)
+  int* tile_pos = reinterpret_cast<int*>(tile_gate + 2 * kTK);           // [2][kTK]
+  float* tile_dg = reinterpret_cast<float*>(tile_pos + 2 * kTK);         // [kTK] dgate sums
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warpgroup_index(), wq = warp & 3;  // warpgroup, warp within it
@@ -87,65 +103,66 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 
   gather_rows<T, D, R, kThreads>(p, geo, qg, p.q_stride, row_begin, rows_here, Qs, tid);
   gather_rows<T, D, R, kThreads>(p, geo, dog, dout_stride, row_begin, rows_here, dOs, tid);
-  for (int r = tid; r < R; r += kThreads) {
-    float lse2 = INFINITY, delta = 0.f;  // padding rows and rows with no key: P = 0
-    if (r < rows_here) {
-      const int64_t ri = geo.row_index(p, row_begin + r);
-      const float lse = gp.lse[ri];
-      if (lse != -INFINITY) lse2 = lse * kLog2e;
-      delta = gp.delta[ri];
-    }
-    lse_s[r] = lse2;
-    delta_s[r] = delta;
-  }
 
-  int meta_base = 0;
-  auto load_meta = [&](int b0) { geo.load_keys(p, b0, tiles * kTK, kMeta, meta_pos, meta_bias, tid, kThreads); };
-  auto issue_tile = [&](int n, int st) {
-    gather_kv_tile<T, D, kTK, kThreads>(kg, vg, p.k_stride[2], p.v_stride[2], meta_pos + n * kTK - meta_base,
-                                        Ks + st * kTK * D, Vs + st * kTK * D, tid,
-                                        [](int r, int c) { return sw128<kTK>(r, c); });
+  // Key i of the list: position and gate (0 for masked keys and past the end; exp2 of the forward's
+  // log2-bias, so a key the forward masked is masked here). Threads tid < kTK fetch a tile's keys
+  // into registers two tiles ahead (under dV / dK and the reductions, so the loads' latency is
+  // hidden) and park them in the tile's stage at the top of the tile before.
+  int next_pos = -1;
+  float next_gate = 0.f;
+  auto fetch_key = [&](int n) {
     if (tid < kTK) {
-      const float b2 = meta_bias[n * kTK + tid - meta_base];
-      tile_bias[st * kTK + tid] = b2;
-      tile_gate[st * kTK + tid] = exp2f(b2);
-      tile_pos[st * kTK + tid] = b2 == -INFINITY ? -1 : meta_pos[n * kTK + tid - meta_base];
+      float b2;
+      geo.key(p, n * kTK + tid, next_pos, b2);
+      next_gate = exp2f(b2);
     }
-    cp_async_commit();
+  };
+  auto park_key = [&](int st) {
+    if (tid < kTK) {
+      tile_gate[st * kTK + tid] = next_gate;
+      tile_pos[st * kTK + tid] = next_gate == 0.f ? -1 : next_pos;
+    }
+  };
+  auto issue_tile = [&](int st) {
+    gather_kv_tile<T, D, kTK, kThreads>(kg, vg, p.k_stride[2], p.v_stride[2], tile_pos + st * kTK, Ks, Vs, tid,
+                                        [](int r, int c) { return sw128<kTK>(r, c); });
   };
 
+  if (tid < kTK) tile_dg[tid] = 0.f;
   if (tiles > 0) {
-    load_meta(0);
+    fetch_key(0);
+    park_key(0);
     __syncthreads();
-    issue_tile(0, 0);
-  } else {
-    cp_async_commit();
+    issue_tile(0);
+    if (tiles > 1) fetch_key(1);
   }
+  cp_async_commit();
 
   const float scale2 = p.scale * kLog2e;
   const int g = lane >> 2, c4 = lane & 3;
   const bool want_dgate = gp.dgate != nullptr;
   const int64_t dgate_base = (static_cast<int64_t>(row) * p.num_blocks + t) * p.width - geo.n_sink;
-  int lim[RB][2];
-  causal_limits<RB>(geo, row_begin, rows_here, wg, wq, g, lim);
-
-  // Shared-memory byte addresses of the operands (each product builds its descriptors from them once).
-  const uint32_t q_addr = smem_addr(Qs), do_addr = smem_addr(dOs), k_addr = smem_addr(Ks), v_addr = smem_addr(Vs);
-  const uint32_t p_addr = smem_addr(Ps), ds_addr = smem_addr(dSs);
-  constexpr uint32_t kRowPanel = R * 128, kKeyPanel = kTK * 128;  // bytes of one 64-column panel
-
-  // lse and delta of this thread's rows (staged above, before the first barrier) in registers: the
-  // tile loop's shared-memory traffic competes with the products' operand reads (its bias / gate
-  // columns are read as pairs for the same reason).
+  // lse and delta of this thread's rows, straight into registers (padding rows: P = 0).
   float lse_r[RB][2], delta_r[RB][2];
 #pragma unroll
   for (int rb = 0; rb < RB; ++rb)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const int lr = fragment_row<RB>(wg, rb, wq, hr, g);
-      lse_r[rb][hr] = lse_s[lr];
-      delta_r[rb][hr] = delta_s[lr];
+      float lse2 = INFINITY, delta = 0.f;
+      if (lr < rows_here) {
+        const int64_t ri = geo.row_index(p, row_begin + lr);
+        const float lse = gp.lse[ri];
+        if (lse != -INFINITY) lse2 = lse * kLog2e;
+        delta = gp.delta[ri];
+      }
+      lse_r[rb][hr] = lse2;
+      delta_r[rb][hr] = delta;
     }
+
+  const uint32_t q_addr = smem_addr(Qs), do_addr = smem_addr(dOs), kt = smem_addr(Ks), vt = smem_addr(Vs);
+  const uint32_t p_addr = smem_addr(Ps), ds_addr = smem_addr(dSs);
+  constexpr uint32_t kRowPanel = R * 128, kKeyPanel = kTK * 128;  // bytes of one 64-column panel
 
   float dq[RB][D / 2];
 #pragma unroll
@@ -156,56 +173,47 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   for (int n = 0; n < tiles; ++n) {
     const int st = n & 1;
     cp_async_wait_all();
-    fence_async_shared();  // cp.async wrote the tiles through the generic proxy; wgmma reads async
+    fence_async_shared();  // cp.async wrote the tile through the generic proxy; wgmma reads async
     __syncthreads();
-    const uint32_t kt = k_addr + st * kTK * D * 2, vt = v_addr + st * kTK * D * 2;
-    const float* bias = tile_bias + st * kTK;
+    if (n + 1 < tiles) park_key(st ^ 1);  // read after the barrier below
     const float* gate = tile_gate + st * kTK;
     const bool need_mask = geo.tile_needs_mask((n + 1) * kTK);
     const bool tile_has_sel = want_dgate && n * kTK < geo.wstart && (n + 1) * kTK > geo.n_sink;
 
-    float col[kTK / 8][2];
-#pragma unroll
-    for (int j = 0; j < kTK / 8; ++j) col[j][0] = col[j][1] = 0.f;
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) {
       const int row0 = (wg * RB + rb) * 64;  // first row of this row block
       const int wrow = row0 + wq * 16;       // first row of this warp
-      // S = Q K^T and dP = dO V^T (one commit group each).
       float s[kTK / 2], dp[kTK / 2];
       wgmma_fence();
       wgmma_rows_by_rows<T, kTK, D>(s, q_addr + row0 * 128, kRowPanel, kt, kKeyPanel);
       wgmma_commit();
       wgmma_rows_by_rows<T, kTK, D>(dp, do_addr + row0 * 128, kRowPanel, vt, kKeyPanel);
       wgmma_commit();
-      if (rb == 0 && n + 1 < tiles) {  // the next tile's gather goes out while the tensor cores work
-        if ((n + 2) * kTK - meta_base > kMeta) {
-          meta_base = (n + 1) * kTK;
-          load_meta(meta_base);
-          __syncthreads();
-        }
-        issue_tile(n + 1, st ^ 1);
-      }
       wgmma_wait<1>();
       wgmma_pin(s);
-      // s <- P (gated); then dp <- dS (gated); colsum of the ungated dS for dgate.
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const float lse2 = lse_r[rb][hr];
-        const int limit = lim[rb][hr] - n * kTK;
+        int limit = 0x3fffffff;  // causal limit of the row in tile columns (few tiles need one)
+        if (need_mask) {
+          const int lr = fragment_row<RB>(wg, rb, wq, hr, g);
+          if (lr < rows_here) limit = geo.last_visible(row_begin + lr) - n * kTK;
+        }
 #pragma unroll
         for (int j = 0; j < kTK / 8; ++j) {
-          const float2 bb = *reinterpret_cast<const float2*>(&bias[j * 8 + 2 * c4]);
+          const float2 gg = *reinterpret_cast<const float2*>(&gate[j * 8 + 2 * c4]);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int kc = j * 8 + 2 * c4 + e;
-            const bool masked = (e ? bb.y : bb.x) == -INFINITY || (need_mask && kc > limit);
+            const bool masked = (e ? gg.y : gg.x) == 0.f || (need_mask && kc > limit);
             s[4 * j + 2 * hr + e] = masked ? 0.f : exp2f(s[4 * j + 2 * hr + e] * scale2 - lse2);
           }
         }
       }
       wgmma_wait<0>();
       wgmma_pin(dp);
+      float col[kTK / 8][2];
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const int lr = wrow + hr * 8 + g;
@@ -218,66 +226,60 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
             const float gt = e ? gg.y : gg.x;
             const float praw = s[4 * j + 2 * hr + e];
             const float dsraw = praw * (dp[4 * j + 2 * hr + e] - delta);
-            col[j][e] += dsraw;
+            col[j][e] = hr ? col[j][e] + dsraw : dsraw;
             s[4 * j + 2 * hr + e] = praw * gt;
             dp[4 * j + 2 * hr + e] = dsraw * gt;
           }
-          *reinterpret_cast<uint32_t*>(&Ps[sw64(lr, j * 8 + 2 * c4)]) = Mma<T>::pack(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]);
-          *reinterpret_cast<uint32_t*>(&dSs[sw64(lr, j * 8 + 2 * c4)]) =
+          *reinterpret_cast<uint32_t*>(&Ps[sw128<R>(lr, j * 8 + 2 * c4)]) = Mma<T>::pack(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]);
+          *reinterpret_cast<uint32_t*>(&dSs[sw128<R>(lr, j * 8 + 2 * c4)]) =
               Mma<T>::pack(dp[4 * j + 2 * hr], dp[4 * j + 2 * hr + 1]);
         }
       }
       // dQ += dS K: dS from registers, K read MN-major.
       wgmma_fragments_by_tile<T, D, kTK>(dq[rb], dp, kt, kKeyPanel);
       wgmma_commit();
-    }
-
-    if (tile_has_sel) {  // column sums of the warp, staged per warp, summed after the barrier
-#pragma unroll
-      for (int j = 0; j < kTK / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = col[j][e];
-          v += __shfl_xor_sync(0xffffffffu, v, 4);
-          v += __shfl_xor_sync(0xffffffffu, v, 8);
-          v += __shfl_xor_sync(0xffffffffu, v, 16);
-          if (g == 0) tile_dg[warp * kTK + j * 8 + 2 * c4 + e] = v;
-        }
+      if (tile_has_sel) {  // this row block's column sums of the warp, added in shared memory (a
+        // float add there is a compare-and-swap loop on sm_90, hence two per lane, not 16)
+        float v[2];
+        column_sums(col, g, v);
+        atomicAdd(&tile_dg[g * 8 + 2 * c4], v[0]);
+        atomicAdd(&tile_dg[g * 8 + 2 * c4 + 1], v[1]);
       }
     }
+    wgmma_wait<0>();  // dQ has read K: the buffer is free once every warp is past the barrier
+#pragma unroll
+    for (int rb = 0; rb < RB; ++rb) wgmma_pin(dq[rb]);
     fence_async_shared();
-    __syncthreads();  // P and dS of every row staged
+    __syncthreads();  // P and dS of every row staged; K / V free; the next tile's keys parked
+    if (n + 1 < tiles) issue_tile(st ^ 1);
+    cp_async_commit();
 
     // Warpgroup 0: dV^T = dO^T P; warpgroup 1: dK^T = Q^T dS, 64 head dims (one panel) per
-    // product. The rows are the k dimension: dO / Q read MN-major (a k-step of 16 rows is 2048
-    // bytes), P / dS MN-major with the 64-byte swizzle (8-row groups of 512 bytes).
+    // product. The rows are the k dimension: dO / Q and P / dS read MN-major (a k-step of 16
+    // rows is two 8-row groups of 1024 bytes in both).
     float acc[D / 64][kTK / 2];
     {
       const uint32_t a_addr = wg == 0 ? do_addr : q_addr, b_addr = wg == 0 ? p_addr : ds_addr;
-      const uint64_t a = wgmma_desc(a_addr, kRowPanel, 1024), b = wgmma_desc(b_addr, 64, 512, kSwizzle64);
+      const uint64_t a = wgmma_desc(a_addr, kRowPanel, 1024), b = wgmma_desc(b_addr, kRowPanel, 1024);
       wgmma_fence();
 #pragma unroll
       for (int mb = 0; mb < D / 64; ++mb)
 #pragma unroll
         for (int kr = 0; kr < R / 16; ++kr)
           Wgmma<T, kTK>::template ss<1, 1>(acc[mb], wgmma_desc_add(a, mb * kRowPanel + kr * 2048),
-                                           wgmma_desc_add(b, kr * 1024), kr);
+                                           wgmma_desc_add(b, kr * 2048), kr);
       wgmma_commit();
     }
+    if (n + 2 < tiles) fetch_key(n + 2);
     if (tile_has_sel && tid < kTK) {
       const int key = n * kTK + tid;
-      if (key >= geo.n_sink && key < geo.wstart) {
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < kThreads / 32; ++w) v += tile_dg[w * kTK + tid];
-        atomicAdd(&gp.dgate[dgate_base + key], v);
-      }
+      const float v = tile_dg[tid];
+      tile_dg[tid] = 0.f;
+      if (key >= geo.n_sink && key < geo.wstart) atomicAdd(&gp.dgate[dgate_base + key], v);
     }
     wgmma_wait<0>();
 #pragma unroll
     for (int mb = 0; mb < D / 64; ++mb) wgmma_pin(acc[mb]);
-#pragma unroll
-    for (int rb = 0; rb < RB; ++rb) wgmma_pin(dq[rb]);
     // dK / dV leave the SM as fp32 reductions at L2 (a key is shared by many query blocks).
     // acc[mb][4j + e] is head dim mb*64 + wq*16 + g + 8*(e/2) of key 8j + 2*c4 + e%2.
     const int* tpos = tile_pos + st * kTK;
@@ -297,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
           stage[at(8 * j + 2 * c4 + (e & 1), mb * 64 + wq * 16 + g + 8 * (e >> 1))] = acc[mb][4 * j + e] * mul;
     asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // this warpgroup only
     const int tw = tid & 127;
-#pragma unroll
+#pragma unroll 4
     for (int i = 0; i < kTK * D / 4 / 128; ++i) {
       const int idx = tw + 128 * i, key = idx / (D / 4), d = (idx % (D / 4)) * 4;
       const int pos = tpos[key];
@@ -324,6 +326,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 template <typename T, int D, int RB>
 void launch_bwd_rows(const AttnParams& p, const BwdParams& g, cudaStream_t stream) {
   constexpr size_t smem = bwd_smem_bytes<D, RB>();
+  static_assert(smem <= 232448, "more shared memory than a CTA may have on sm_90");
   const dim3 grid = CtaWork::grid(p, 1);
   cudaFuncSetAttribute(bwd_kernel<T, D, RB>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   bwd_kernel<T, D, RB><<<grid, kThreads, smem, stream>>>(p, g);

@@ -73,10 +73,6 @@ template <int R>
 __device__ __forceinline__ int sw128(int row, int col) {
   return (col >> 6) * (R * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
 }
-// Rows of 32 elements (64 bytes), the 16-byte chunk xor-ed by (row / 2) % 4: the 64-byte swizzle.
-__device__ __forceinline__ int sw64(int row, int col) {
-  return row * 32 + ((((col >> 3) & 3) ^ ((row >> 1) & 3)) << 3) + (col & 7);
-}
 
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll

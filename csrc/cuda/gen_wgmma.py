@@ -28,8 +28,8 @@ __device__ __forceinline__ void wgmma_pin(float (&d)[N]) {
 }
 
 // Shared-memory matrix descriptor: start address, leading / stride byte offsets, swizzle mode
-// (kSwizzle128 or kSwizzle64; the tile base must be aligned to the swizzle atom, 1024 / 512 bytes).
-constexpr uint64_t kSwizzle128 = 1, kSwizzle64 = 2;
+// (kSwizzle128, the layout every tile uses; the tile base must be aligned to its 1024-byte atom).
+constexpr uint64_t kSwizzle128 = 1;
 __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_byte_addr, uint32_t lbo, uint32_t sbo,
                                                uint64_t swizzle = kSwizzle128) {
   return static_cast<uint64_t>((smem_byte_addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
