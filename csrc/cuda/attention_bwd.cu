@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
           stage[at(8 * j + 2 * c4 + (e & 1), mb * 64 + wq * 16 + g + 8 * (e >> 1))] = acc[mb][4 * j + e] * mul;
     asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // this warpgroup only
     const int tw = tid & 127;
-#pragma unroll 4
+#pragma unroll
     for (int i = 0; i < kTK * D / 4 / 128; ++i) {
       const int idx = tw + 128 * i, key = idx / (D / 4), d = (idx % (D / 4)) * 4;
       const int pos = tpos[key];
