@@ -195,11 +195,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const float lse2 = lse_r[rb][hr];
-        int limit = 0x3fffffff;  // causal limit of the row in tile columns (few tiles need one)
-        if (need_mask) {
-          const int lr = fragment_row<RB>(wg, rb, wq, hr, g);
-          if (lr < rows_here) limit = geo.last_visible(row_begin + lr) - n * kTK;
-        }
+        int limit = kNoCausalLimit;  // the row's causal limit in tile columns (few tiles need one)
+        if (need_mask) limit = causal_limit(geo, row_begin, rows_here, fragment_row<RB>(wg, rb, wq, hr, g), n * kTK);
 #pragma unroll
         for (int j = 0; j < kTK / 8; ++j) {
           const float2 gg = *reinterpret_cast<const float2*>(&gate[j * 8 + 2 * c4]);

@@ -129,17 +129,21 @@ __device__ __forceinline__ int fragment_row(int wg, int rb, int wq, int hr, int 
   return (wg * RB + rb) * 64 + wq * 16 + hr * 8 + g;
 }
 
-// Causal limit (BlockGeo::last_visible) of each row this thread holds; no limit for padding rows.
+// Causal limit (BlockGeo::last_visible) of the CTA's row lr, counted from list index first_key;
+// padding rows get one that masks nothing.
+constexpr int kNoCausalLimit = 0x3fffffff;
+__device__ __forceinline__ int causal_limit(const BlockGeo& geo, int row_begin, int rows_here, int lr, int first_key = 0) {
+  return lr < rows_here ? geo.last_visible(row_begin + lr) - first_key : kNoCausalLimit;
+}
+
+// causal_limit of each row this thread holds.
 template <int RB>
 __device__ __forceinline__ void causal_limits(const BlockGeo& geo, int row_begin, int rows_here, int wg, int wq, int g,
                                               int (&lim)[RB][2]) {
 #pragma unroll
   for (int rb = 0; rb < RB; ++rb)
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int lr = fragment_row<RB>(wg, rb, wq, hr, g);
-      lim[rb][hr] = lr < rows_here ? geo.last_visible(row_begin + lr) : 0x3fffffff;
-    }
+    for (int hr = 0; hr < 2; ++hr) lim[rb][hr] = causal_limit(geo, row_begin, rows_here, fragment_row<RB>(wg, rb, wq, hr, g));
 }
 
 // Copies the CTA's rows [row_begin, row_begin + R) of a [B, Hq, Nq, D] tensor with the given
