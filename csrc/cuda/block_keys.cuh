@@ -117,7 +117,7 @@ struct CtaWork {
   }
   // The grid of that order (the host checks that it stays below 2^31 CTAs).
   static dim3 grid(const AttnParams& p, int splits) {
-    return dim3(static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.kv_heads * p.num_blocks * p.row_chunks * splits));
+    return dim3(static_cast<unsigned>(work_items(p) * splits));
   }
 };
 

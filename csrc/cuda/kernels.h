@@ -84,6 +84,12 @@ struct AttnParams {
   int row_chunks;  // CTAs per block: ceil(rows of a block / (128 * row_blocks))
 };
 
+// The attention kernels' units of work: one per (batch, kv head, query block, row chunk); a grid
+// has one CTA per unit and key-list split (CtaWork).
+inline int64_t work_items(const AttnParams& p) {
+  return static_cast<int64_t>(p.batch) * p.kv_heads * p.num_blocks * p.row_chunks;
+}
+
 struct FwdOut {
   void* out;        // [B, Hq, Nq, D] contiguous, q's dtype
   float* lse;       // [B, Hq, Nq]

@@ -219,7 +219,7 @@ AttnParams attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.row_blocks = block_rows > 128 ? 2 : 1;
   p.row_chunks = static_cast<int>((block_rows + 128 * p.row_blocks - 1) / (128 * p.row_blocks));
   // One-dimensional grids (CtaWork), split up to 64 ways for decode.
-  const int64_t ctas = int64_t(p.batch) * p.kv_heads * p.num_blocks * p.row_chunks;
+  const int64_t ctas = sparsek_cuda::work_items(p);
   SPARSEK_CHECK_VALUE(ctas * 64 < (int64_t(1) << 31), "the CUDA kernels take fewer than 2^25 (batch x kv head x query ",
                       "block) work items, got ", ctas);
   return p;
@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   }
   AttnParams p = attn_params(q, k, v, key_valid, sel, geo, window, sinks, scale);
   // Decode and short chunks give few CTAs: split each block's key list across CTAs (merged by lse).
-  const int64_t ctas = int64_t(p.batch) * p.kv_heads * p.num_blocks * p.row_chunks;
+  const int64_t ctas = sparsek_cuda::work_items(p);
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
   const int64_t most_tiles = (std::min<int64_t>(sinks, geo.num_keys) + geo.width + window + geo.block_q + 63) / 64;
