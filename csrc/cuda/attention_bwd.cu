@@ -9,9 +9,9 @@
 //   dgate[slot] += sum over rows of P_raw (dP - delta)        (selected keys only)
 //   dQ += dS K                                  wgmma m64nD, dS from registers (one write at the end)
 // then, over all rows of the CTA (P and dS staged in shared memory, one barrier):
-//   warpgroup 0: dV^T = dO^T P, warpgroup 1: dK^T = Q^T dS    wgmma m64n64 per 64 head dims
+//   warpgroup 0: dV = P^T dO, warpgroup 1: dK = dS^T Q        wgmma m64nD (the tile's 64 keys)
 // and the products go to the global fp32 dk / dv buffers as 16-byte reductions (a key is shared
-// by many query blocks), transposed through the warpgroup's P or dS buffer.
+// by many query blocks), staged through the warpgroup's P or dS buffer.
 // The products run at shared-memory speed, so the tile is as wide as registers and shared memory
 // allow: 64 keys read Q / dO once per 64 keys (32-key tiles read them twice as often). dQ of RB
 // row blocks holds 128 of the 255 registers; shared memory is full at D = 128, RB = 2, which is
@@ -251,20 +251,17 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
     if (n + 1 < tiles) issue_tile(st ^ 1);
     cp_async_commit();
 
-    // Warpgroup 0: dV^T = dO^T P; warpgroup 1: dK^T = Q^T dS, 64 head dims (one panel) per
-    // product. The rows are the k dimension: dO / Q and P / dS read MN-major (a k-step of 16
-    // rows is two 8-row groups of 1024 bytes in both).
-    float acc[D / 64][kTK / 2];
+    // Warpgroup 0: dV = P^T dO; warpgroup 1: dK = dS^T Q: m64 (the tile's keys) x nD, k over the
+    // CTA's rows. Both operands read MN-major (a k-step of 16 rows is two 8-row groups of 1024
+    // bytes); the n = D product reads P / dS once for all head dims.
+    float acc[D / 2];
     {
-      const uint32_t a_addr = wg == 0 ? do_addr : q_addr, b_addr = wg == 0 ? p_addr : ds_addr;
+      const uint32_t a_addr = wg == 0 ? p_addr : ds_addr, b_addr = wg == 0 ? do_addr : q_addr;
       const uint64_t a = wgmma_desc(a_addr, kRowPanel, 1024), b = wgmma_desc(b_addr, kRowPanel, 1024);
       wgmma_fence();
 #pragma unroll
-      for (int mb = 0; mb < D / 64; ++mb)
-#pragma unroll
-        for (int kr = 0; kr < R / 16; ++kr)
-          Wgmma<T, kTK>::template ss<1, 1>(acc[mb], wgmma_desc_add(a, mb * kRowPanel + kr * 2048),
-                                           wgmma_desc_add(b, kr * 2048), kr);
+      for (int kr = 0; kr < R / 16; ++kr)
+        Wgmma<T, D>::template ss<1, 1>(acc, wgmma_desc_add(a, kr * 2048), wgmma_desc_add(b, kr * 2048), kr);
       wgmma_commit();
     }
     if (n + 2 < tiles) fetch_key(n + 2);
@@ -275,25 +272,25 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
       if (key >= geo.n_sink && key < geo.wstart) atomicAdd(&gp.dgate[dgate_base + key], v);
     }
     wgmma_wait<0>();
-#pragma unroll
-    for (int mb = 0; mb < D / 64; ++mb) wgmma_pin(acc[mb]);
+    wgmma_pin(acc);
     // dK / dV leave the SM as fp32 reductions at L2 (a key is shared by many query blocks).
-    // acc[mb][4j + e] is head dim mb*64 + wq*16 + g + 8*(e/2) of key 8j + 2*c4 + e%2.
+    // acc[4j + 2hr + e] is key wq*16 + g + 8hr, head dim 8j + 2*c4 + e.
     const int* tpos = tile_pos + st * kTK;
     float* dst = (wg == 0 ? gp.dv_acc : gp.dk_acc) + (static_cast<int64_t>(geo.b) * p.kv_heads + geo.h) * p.num_keys * D;
     const float mul = wg == 0 ? 1.f : p.scale;
-    // Transposed through this warpgroup's own buffer (P for dV, dS for dK: the product that read
-    // it is complete) so that each reduction carries 16 bytes of one key row. The 16-byte chunk
-    // of key k's row is xor-ed by 2 * ((k / 2) % 4): the stores of a warp hit 32 banks.
+    // Staged through this warpgroup's own buffer (P for dV, dS for dK: the product that read it is
+    // complete) so that each warp's reduction carries whole key rows (16 bytes a lane; straight from
+    // the fragments, 32 bytes of 16 rows, it measured 4% slower). The 16-byte chunk of key k's row
+    // is xor-ed by 2 * (k % 4): a warp's 8-byte stores (8 keys x 32 bytes) take the two wavefronts
+    // that 256 bytes need.
     float* stage = reinterpret_cast<float*>(wg == 0 ? Ps : dSs);
-    auto at = [](int key, int d) { return key * D + ((((d >> 2) ^ (((key >> 1) & 3) << 1))) << 2) + (d & 3); };
+    auto at = [](int key, int d) { return key * D + ((((d >> 2) ^ ((key & 3) << 1))) << 2) + (d & 3); };
 #pragma unroll
-    for (int j = 0; j < kTK / 8; ++j)
+    for (int j = 0; j < D / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-#pragma unroll
-        for (int mb = 0; mb < D / 64; ++mb)
-          stage[at(8 * j + 2 * c4 + (e & 1), mb * 64 + wq * 16 + g + 8 * (e >> 1))] = acc[mb][4 * j + e] * mul;
+      for (int hr = 0; hr < 2; ++hr)
+        *reinterpret_cast<float2*>(&stage[at(wq * 16 + g + 8 * hr, 8 * j + 2 * c4)]) =
+            make_float2(acc[4 * j + 2 * hr] * mul, acc[4 * j + 2 * hr + 1] * mul);
     asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");  // this warpgroup only
     const int tw = tid & 127;
 #pragma unroll
