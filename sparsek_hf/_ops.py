@@ -69,6 +69,8 @@ if _C is not None:
         ctx.save_for_backward(q, k, v, scores, key_valid, out, lse, idx, gate, count, tau, nfrac)
         ctx.config = (window, sinks, block_q, scale, soft)
         ctx.mark_non_differentiable(lse, idx, gate, count, tau, nfrac)
+        # Only out carries a gradient: no zero-filled gradients for the six other outputs.
+        ctx.set_materialize_grads(False)
 
     def _fwd_backward(ctx, grad_out, *unused_grads):
         q, k, v, scores, key_valid, out, lse, idx, gate, count, tau, nfrac = ctx.saved_tensors

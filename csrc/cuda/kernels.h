@@ -57,7 +57,10 @@ void select_tables(const SelectParams& p, const SelectScratch& s, cudaStream_t s
 // Step 4: per block, top-K set (unsorted, padded with num_keys), count, raw tau and |F| at it.
 void select_blocks(const SelectParams& p, const SelectScratch& s, int32_t* idx, int32_t* count, int32_t* nfrac,
                    cudaStream_t stream);
-// Step 5 (after the caller's running max of tau): |F| where the max moved tau; each Sel sorted by
+// Step 4b: tau = the running max of raw_tau over each row's blocks (tau only rises over blocks,
+// DESIGN.md; the max absorbs rounding, as on the CPU).
+void select_running_max(const SelectParams& p, const double* raw_tau, double* tau, cudaStream_t stream);
+// Step 5 (after the running max of tau): |F| where the max moved tau; each Sel sorted by
 // position with its gates (false when the lists are too long: the caller sorts, then finalizes).
 void select_fix_nfrac(const SelectParams& p, const SelectScratch& s, const double* tau, int32_t* nfrac,
                       cudaStream_t stream);

@@ -81,17 +81,22 @@ Selection select_cuda(const at::Tensor& scores_in, const c10::optional<at::Tenso
   const int64_t blocks = geo.num_blocks, width = geo.width;
   check_sizes(num_keys, blocks);
   auto opts = scores.options();
+  // Every element is written by the kernels below (the selection's host work is on the critical
+  // path of a forward: no fills it does not need).
   Selection sel{
       at::empty({batch, heads, blocks, width}, opts.dtype(at::kInt)),
       at::empty({batch, heads, blocks, width}, opts.dtype(at::kFloat)),
-      at::zeros({batch, heads, blocks}, opts.dtype(at::kInt)),
-      at::full({batch, heads, blocks}, -std::numeric_limits<double>::infinity(), opts.dtype(at::kDouble)),
-      at::zeros({batch, heads, blocks}, opts.dtype(at::kInt)),
+      at::empty({batch, heads, blocks}, opts.dtype(at::kInt)),
+      at::empty({batch, heads, blocks}, opts.dtype(at::kDouble)),
+      at::empty({batch, heads, blocks}, opts.dtype(at::kInt)),
   };
   if (blocks == 0 || batch * heads == 0) return sel;
   if (num_keys == 0) {
     sel.idx.fill_(-1);
     sel.gate.zero_();
+    sel.count.zero_();
+    sel.tau.fill_(-std::numeric_limits<double>::infinity());
+    sel.nfrac.zero_();
     return sel;
   }
   SelectParams p = select_params(scores, key_valid, geo, budget, window, sinks, soft);
@@ -103,8 +108,10 @@ Selection select_cuda(const at::Tensor& scores_in, const c10::optional<at::Tenso
   const bool row_sorts = std::getenv("SPARSEK_CUDA_ROW_SORTS") != nullptr;
   p.packed_position_bits = row_sorts ? 0 : sparsek_cuda::packed_position_bits(p.rows, p.num_keys);
   at::Tensor keys = at::empty({rows, num_keys}, opts.dtype(at::kLong));
+  at::Tensor num_eligible = at::empty({rows}, opts.dtype(at::kInt));  // zeroed by select_prepare
   SelectScratch s{};
   s.sort_keys = keys.data_ptr<int64_t>();
+  s.num_eligible = num_eligible.data_ptr<int32_t>();
   sparsek_cuda::select_prepare(p, s, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor sorted;
@@ -122,7 +129,6 @@ Selection select_cuda(const at::Tensor& scores_in, const c10::optional<at::Tenso
   at::Tensor sorted_u = at::empty({rows, num_keys}, opts.dtype(at::kFloat));
   at::Tensor sorted_blk = at::empty({rows, num_keys}, opts.dtype(at::kInt));
   at::Tensor tile_keys = at::empty({rows, num_keys}, opts.dtype(at::kLong));
-  at::Tensor num_eligible = at::zeros({rows}, opts.dtype(at::kInt));
   at::Tensor cnt = at::empty({rows, blocks, p.num_tiles + 1}, opts.dtype(at::kInt));
   at::Tensor sum = at::empty({rows, blocks, p.num_tiles + 1}, opts.dtype(at::kDouble));
   s.sort_keys = sorted.data_ptr<int64_t>();
@@ -130,7 +136,6 @@ Selection select_cuda(const at::Tensor& scores_in, const c10::optional<at::Tenso
   s.sorted_u = sorted_u.data_ptr<float>();
   s.sorted_blk = sorted_blk.data_ptr<int32_t>();
   s.tile_keys = tile_keys.data_ptr<int64_t>();
-  s.num_eligible = num_eligible.data_ptr<int32_t>();
   s.cnt = cnt.data_ptr<int32_t>();
   s.sum = sum.data_ptr<double>();
   sparsek_cuda::select_decode(p, s, stream);
@@ -156,8 +161,8 @@ Selection select_cuda(const at::Tensor& scores_in, const c10::optional<at::Tenso
                               sel.nfrac.data_ptr<int32_t>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // tau only rises over blocks (DESIGN.md); the running max absorbs rounding, as on the CPU.
-  sel.tau = std::get<0>(raw_tau.cummax(1)).reshape({batch, heads, blocks}).contiguous();
+  sparsek_cuda::select_running_max(p, raw_tau.data_ptr<double>(), sel.tau.data_ptr<double>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (sparsek_cuda::select_sort_gates(p, sel.tau.data_ptr<double>(), sel.idx.data_ptr<int32_t>(),
                                       sel.gate.data_ptr<float>(), sel.count.data_ptr<int32_t>(), stream)) {
     sparsek_cuda::select_fix_nfrac(p, s, sel.tau.data_ptr<double>(), sel.nfrac.data_ptr<int32_t>(), stream);

@@ -72,9 +72,10 @@ __device__ __forceinline__ int first_block_of(int j, const SelectParams& p) {
   return static_cast<int>(t < 0 ? 0 : (t > p.num_blocks ? p.num_blocks : t));
 }
 
-__global__ void prepare_kernel(const SelectParams p, int64_t* keys) {
+__global__ void prepare_kernel(const SelectParams p, int64_t* keys, int32_t* num_eligible) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   const int row = blockIdx.y;
+  if (j == 0) num_eligible[row] = 0;  // decode_kernel sets it where the row has an eligible key
   if (j >= p.num_keys) return;
   const int64_t rj = static_cast<int64_t>(row) * p.num_keys + j;
   bool ok = j >= p.sinks && j <= p.last_candidate;
@@ -514,6 +515,30 @@ __global__ void __launch_bounds__(THREADS) sort_gates_kernel(const SelectParams 
 }
 
 // |F| again for the blocks whose tau the running max raised (rounding only; rare).
+// tau[row, t] = max of raw_tau[row, 0..t]: one warp per row, each lane a contiguous run of blocks.
+__global__ void running_max_kernel(const SelectParams p, const double* raw_tau, double* tau) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (row >= p.rows) return;
+  const int64_t base = static_cast<int64_t>(row) * p.num_blocks;
+  const int per_lane = (p.num_blocks + 31) / 32, begin = min(lane * per_lane, p.num_blocks),
+            end = min(begin + per_lane, p.num_blocks);
+  double run = -INFINITY;
+  for (int t = begin; t < end; ++t) run = fmax(run, raw_tau[base + t]);
+  // Exclusive max-scan of the lanes' maxima, then each lane's run again from it.
+  double before = run;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const double x = __shfl_up_sync(0xffffffffu, before, o);
+    if (lane >= o) before = fmax(before, x);
+  }
+  before = __shfl_up_sync(0xffffffffu, before, 1);
+  run = lane == 0 ? -INFINITY : before;
+  for (int t = begin; t < end; ++t) {
+    run = fmax(run, raw_tau[base + t]);
+    tau[base + t] = run;
+  }
+}
+
 __global__ void fix_nfrac_kernel(const SelectParams p, const SelectScratch s, const double* tau_all, int32_t* nfrac) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.x * kWarpsPerCta + warp;
@@ -559,6 +584,11 @@ bool select_sort_gates(const SelectParams& p, const double* tau, int32_t* idx, f
   return true;
 }
 
+void select_running_max(const SelectParams& p, const double* raw_tau, double* tau, cudaStream_t stream) {
+  if (p.rows == 0 || p.num_blocks == 0) return;
+  running_max_kernel<<<(p.rows + 3) / 4, 128, 0, stream>>>(p, raw_tau, tau);
+}
+
 void select_fix_nfrac(const SelectParams& p, const SelectScratch& s, const double* tau, int32_t* nfrac,
                       cudaStream_t stream) {
   if (p.rows == 0 || p.num_blocks == 0) return;
@@ -589,7 +619,7 @@ void select_sort_packed(const SelectParams& p, void* temp, size_t temp_bytes, co
 
 void select_prepare(const SelectParams& p, const SelectScratch& s, cudaStream_t stream) {
   if (p.rows == 0 || p.num_keys == 0) return;
-  prepare_kernel<<<dim3((p.num_keys + 255) / 256, p.rows), 256, 0, stream>>>(p, s.sort_keys);
+  prepare_kernel<<<dim3((p.num_keys + 255) / 256, p.rows), 256, 0, stream>>>(p, s.sort_keys, s.num_eligible);
 }
 
 void select_decode(const SelectParams& p, const SelectScratch& s, cudaStream_t stream) {
