@@ -2,49 +2,56 @@
 //
 // One CTA = one (batch, kv head, query block) and up to 128 * RB query rows: every query head of the
 // GQA group times the block's queries (G * block_q = 4 * 64 for the benchmark), so each gathered K/V
-// tile is read from global memory once per group. Two warpgroups, each RB row blocks of 64 rows
-// (RB = 2 when the block has more than 128 rows, AttnParams::row_blocks). Every row block runs
-// its wgmma even when it holds no row of the call (decode): a branch around them, uniform per
-// warpgroup at run time but not provably so, makes ptxas serialize every wgmma of the kernel.
-// Keys come in tiles of 64 gathered by position with cp.async (16-byte row pieces, zero-filled
-// past the list), double-buffered so the next tile's gather overlaps this tile's math. Per tile a
-// warpgroup issues S = Q K^T for both its row blocks (wgmma m64n64, Q and K from shared memory),
-// then per row block: online softmax in fp32 in the log2 domain (the gate enters as the additive
-// bias log2(gate); causal masking is only ever needed in the window's last tiles), and
-// O += P V (wgmma m64nD, P from registers, V read MN-major), which runs while the next row
-// block's softmax does. Tiles use wgmma's 128-byte swizzle (D/64 panels of rows x 64 elements).
-// Decode (few CTAs, long key lists): the key tiles are split across CTAs and merged by lse.
+// tile is read from global memory once per group. Warp-specialized, as FA3: a producer warpgroup
+// (24 registers) gathers Q and then the key tiles by position with cp.async (16-byte row pieces,
+// zero-filled past the list) into a ring of kStages stages, each with a full and an empty
+// mbarrier, so no CTA-wide barrier sits in the tile loop. Two consumer warpgroups (240 registers)
+// each own RB row blocks of 64 rows (RB = 2 when the block has more than 128 rows,
+// AttnParams::row_blocks) and take turns (ping-pong) to issue S = Q K^T for their row blocks
+// (wgmma m64n64, Q and K from shared memory), so that one's softmax runs under the other's
+// products. Then per row block: online softmax in fp32 in the log2 domain (the gate enters as the
+// additive bias log2(gate); causal masking is only ever needed in the window's last tiles), and
+// O += P V (wgmma m64nD, P from registers, V read MN-major), which runs while the next row block's
+// softmax does. Every row block runs its wgmma even when it holds no row of the call (decode): a
+// branch around them, uniform per warpgroup at run time but not provably so, makes ptxas
+// serialize every wgmma of the kernel. Tiles use wgmma's 128-byte swizzle (D/64 panels of rows x
+// 64 elements). Decode (few CTAs, long key lists): the key tiles are split across CTAs and merged
+// by lse.
 #include "block_keys.cuh"
 #include "wgmma.cuh"
 
 namespace sparsek_cuda {
 namespace {
 
-constexpr int kThreads = 256;  // two warpgroups
-constexpr int kBC = 64;     // keys per tile
-constexpr int kMeta = 4096; // keys whose position and bias sit in shared memory at once
+constexpr int kThreads = 384;  // a producer warpgroup and two consumer warpgroups
+constexpr int kBC = 64;        // keys per tile
+constexpr int kStages = 3;     // K / V tiles in flight
 
-// Q [128 * RB][D]; K, V [2][kBC][D]; metadata; per-stage bias; 1024 bytes to align the base.
+// Q [128 * RB][D]; K, V [kStages][kBC][D]; per-stage bias and position; full / empty mbarriers;
+// 1024 bytes to align the base (166448 bytes at D = 128, RB = 2).
 template <int D, int RB>
 constexpr size_t fwd_smem_bytes() {
-  return static_cast<size_t>(128 * RB * D + 4 * kBC * D) * 2 + kMeta * 8 + 2 * kBC * 4 + kSmemAlignSlack;
+  return static_cast<size_t>(128 * RB * D + 2 * kStages * kBC * D) * 2 + kStages * kBC * 8 + 2 * kStages * 8 +
+         kSmemAlignSlack;
 }
 
 template <typename T, int D, int RB>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, const FwdOut o) {
-  constexpr int kRows = 128 * RB;  // rows of the CTA
+  constexpr int kRows = 128 * RB;
+  constexpr int S = kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* base = smem_raw + smem_align_offset(smem_raw);
   T* Qs = reinterpret_cast<T*>(base);
   T* Ks = Qs + kRows * D;
-  T* Vs = Ks + 2 * kBC * D;
-  int* meta_pos = reinterpret_cast<int*>(Vs + 2 * kBC * D);
-  float* meta_bias = reinterpret_cast<float*>(meta_pos + kMeta);
-  float* tile_bias = meta_bias + kMeta;  // [2][kBC]
+  T* Vs = Ks + S * kBC * D;
+  float* tile_bias = reinterpret_cast<float*>(Vs + S * kBC * D);  // [S][kBC]
+  int* tile_pos = reinterpret_cast<int*>(tile_bias + S * kBC);      // [S][kBC]
+  uint64_t* full = reinterpret_cast<uint64_t*>(tile_pos + S * kBC);
+  uint64_t* empty = full + S;
 
-  constexpr int CH = D / 8;  // 16-byte chunks per row
+  constexpr int CH = D / 8;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wg = warpgroup_index(), wq = warp & 3;
+  const int wgi = warpgroup_index(), wq = warp & 3;
   const CtaWork work = CtaWork::of(p, o.num_splits);
   const int row = work.row, split = work.split, chunk = work.chunk, t = work.t;
 
@@ -58,38 +65,60 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
   const int tile_begin = static_cast<int>(static_cast<int64_t>(split) * tiles / o.num_splits);
   const int tile_end = static_cast<int>(static_cast<int64_t>(split + 1) * tiles / o.num_splits);
 
-  const T* qg = static_cast<const T*>(p.q);
-  const T* kg = static_cast<const T*>(p.k) + geo.b * p.k_stride[0] + geo.h * p.k_stride[1];
-  const T* vg = static_cast<const T*>(p.v) + geo.b * p.v_stride[0] + geo.h * p.v_stride[1];
-
-  gather_rows<T, D, kRows, kThreads>(p, geo, qg, p.q_stride, row_begin, rows_here, Qs, tid);
-
-  int meta_base = tile_begin * kBC;
-  auto load_meta = [&](int b0) { geo.load_keys(p, b0, tile_end * kBC, kMeta, meta_pos, meta_bias, tid, kThreads); };
-  auto issue_tile = [&](int n, int st) {
-    gather_kv_tile<T, D, kBC, kThreads>(kg, vg, p.k_stride[2], p.v_stride[2], meta_pos + n * kBC - meta_base,
-                                        Ks + st * kBC * D, Vs + st * kBC * D, tid,
-                                        [](int r, int c) { return sw128<kBC>(r, c); });
-    if (tid < kBC) tile_bias[st * kBC + tid] = meta_bias[n * kBC + tid - meta_base];
-    cp_async_commit();
-  };
-
-  if (tile_begin < tile_end) {
-    load_meta(meta_base);
-    __syncthreads();
-    issue_tile(tile_begin, 0);
-  } else {
-    cp_async_commit();
+  if (tid == 0) {
+    for (int i = 0; i < S; ++i) {
+      mbar_init(&full[i], 128);   // the producer's threads, once their copies of the stage landed
+      mbar_init(&empty[i], 256);  // the consumers' threads, once their products read the stage
+    }
   }
+  __syncthreads();
+
+  if (wgi == 0) {
+    // Producer: Q (with the first tile), then each tile's biases and K / V rows into the next free
+    // stage. A stage is published when this thread's copies have landed (its cp.async groups lag
+    // the issue by one tile) and fenced for wgmma's async proxy.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");  // 24 + 2 x 240 = 3 x 168
+    if (tile_begin >= tile_end) return;
+    const T* kg = static_cast<const T*>(p.k) + geo.b * p.k_stride[0] + geo.h * p.k_stride[1];
+    const T* vg = static_cast<const T*>(p.v) + geo.b * p.v_stride[0] + geo.h * p.v_stride[1];
+    int pos = -1;
+    float b2 = -INFINITY;
+    if (tid < kBC) geo.key(p, tile_begin * kBC + tid, pos, b2);
+    gather_rows<T, D, kRows, 128>(p, geo, static_cast<const T*>(p.q), p.q_stride, row_begin, rows_here, Qs, tid);
+    for (int n = tile_begin; n < tile_end; ++n) {
+      const int i = n - tile_begin, st = i % S;
+      if (i >= S) mbar_wait(&empty[st], ((i / S) - 1) & 1);
+      if (tid < kBC) {
+        tile_pos[st * kBC + tid] = pos;
+        tile_bias[st * kBC + tid] = b2;
+      }
+      asm volatile("bar.sync 1, 128;\n" ::: "memory");  // the producer's threads: positions parked
+      gather_kv_tile<T, D, kBC, 128>(kg, vg, p.k_stride[2], p.v_stride[2], tile_pos + st * kBC, Ks + st * kBC * D,
+                                     Vs + st * kBC * D, tid, [](int r, int c) { return sw128<kBC>(r, c); });
+      cp_async_commit();
+      if (n + 1 < tile_end && tid < kBC) geo.key(p, (n + 1) * kBC + tid, pos, b2);
+      if (i >= 1) {
+        cp_async_wait_group<1>();
+        fence_async_shared();
+        mbar_arrive(&full[(i - 1) % S]);
+      }
+    }
+    cp_async_wait_group<0>();
+    fence_async_shared();
+    mbar_arrive(&full[(tile_end - 1 - tile_begin) % S]);
+    return;
+  }
+  // Consumers: two warpgroups of RB row blocks, with the registers the producer gave back.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  const int wg = wgi - 1;
 
   const float scale2 = p.scale * kLog2e;
   const int g = lane >> 2, c4 = lane & 3;
-  // Causal limit per row: key column kk of tile n is masked when kk > lim - n * kBC.
   int lim[RB][2];
   causal_limits<RB>(geo, row_begin, rows_here, wg, wq, g, lim);
 
   const uint32_t q_addr = smem_addr(Qs), k_addr = smem_addr(Ks), v_addr = smem_addr(Vs);
-  constexpr uint32_t kRowPanel = kRows * 128, kKeyPanel = kBC * 128;  // bytes of one 64-column panel
+  constexpr uint32_t kRowPanel = kRows * 128, kKeyPanel = kBC * 128;
 
   float acc[RB][D / 2];
   float m[RB][2], l[RB][2];
@@ -102,13 +131,13 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
   }
 
   for (int n = tile_begin; n < tile_end; ++n) {
-    const int st = (n - tile_begin) & 1;
-    cp_async_wait_all();
-    fence_async_shared();  // cp.async wrote the tiles through the generic proxy; wgmma reads async
-    __syncthreads();
+    const int i = n - tile_begin, st = i % S;
+    mbar_wait(&full[st], (i / S) & 1);
     const uint32_t kt = k_addr + st * kBC * D * 2, vt = v_addr + st * kBC * D * 2;
-    // S = Q K^T for every row block (one commit group each), then the next tile's gather.
+    // S = Q K^T for every row block (one commit group each). Ping-pong: the warpgroups take turns
+    // to issue them (named barriers 3 and 4), so one's softmax runs under the other's products.
     float s[RB][kBC / 2];
+    if (wg == 1 || i > 0) asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory");
     wgmma_fence();
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) {
@@ -116,14 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
       wgmma_rows_by_rows<T, kBC, D>(s[rb], q_addr + row0 * 128, kRowPanel, kt, kKeyPanel);
       wgmma_commit();
     }
-    if (n + 1 < tile_end) {
-      if ((n + 2) * kBC - meta_base > kMeta) {  // next tile's keys are past the loaded metadata
-        meta_base = (n + 1) * kBC;
-        load_meta(meta_base);
-        __syncthreads();
-      }
-      issue_tile(n + 1, st ^ 1);
-    }
+    if (wg == 0 || n + 1 < tile_end) asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory");
     const float* bias = tile_bias + st * kBC;
     const bool need_mask = geo.tile_needs_mask((n + 1) * kBC);
 #pragma unroll
@@ -175,14 +197,15 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
       wgmma_fragments_by_tile<T, D, kBC>(acc[rb], s[rb], vt, kKeyPanel);
       wgmma_commit();
     }
-    wgmma_wait<0>();  // the stage is free for the gather after the next barrier
+    wgmma_wait<0>();
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) wgmma_pin(acc[rb]);
+    mbar_arrive(&empty[st]);  // this thread's products have read the stage
   }
 
   // Epilogue: normalise, write lse, and out (staged through the CTA's Q rows) or the split's
   // partial result.
-  __syncthreads();  // every wgmma has read Q
+  asm volatile("bar.sync 2, 256;\n" ::: "memory");  // every consumer wgmma has read Q
   const int64_t rows_all = static_cast<int64_t>(p.batch) * p.q_heads * p.num_queries;
 #pragma unroll
   for (int rb = 0; rb < RB; ++rb) {

@@ -59,20 +59,6 @@ struct BlockGeo {
     bias2 = valid ? 0.f : -INFINITY;
   }
 
-  // Positions and log2-biases of keys [base, min(base + capacity, end)) of the list into shared
-  // memory (the tile loops keep a window of the list there and reload it as they pass its end).
-  __device__ __forceinline__ void load_keys(const AttnParams& p, int base, int end, int capacity, int* pos_s,
-                                            float* bias_s, int tid, int threads) const {
-    const int n = min(capacity, end - base);
-    for (int i = tid; i < n; i += threads) {
-      int pos;
-      float bias2;
-      key(p, base + i, pos, bias2);
-      pos_s[i] = pos;
-      bias_s[i] = bias2;
-    }
-  }
-
   // Rows of a CTA are (head of the group, query) pairs flattened head-major.
   __device__ __forceinline__ int64_t q_offset(const AttnParams& p, int gr, const int64_t* stride) const {
     const int gh = gr / nr, rr = gr % nr;
