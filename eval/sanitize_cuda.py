@@ -1,6 +1,6 @@
 """Small launches of every CUDA kernel, for `compute-sanitizer --tool memcheck|racecheck`:
-selection (several rank tiles, padding), forward (bf16/fp16, D 64/128, 2 row chunks, metadata
-reload, split decode + merge), backward (128- and 256-row CTAs, dgate and the score-gradient kernels)."""
+selection (several rank tiles, padding), forward (bf16/fp16, D 64/128, 2 row chunks, key lists
+that wrap the 3-stage ring, split decode + merge), backward (128- and 256-row CTAs, dgate and the score-gradient kernels)."""
 
 import torch
 
@@ -25,7 +25,7 @@ def run(b, hq, hkv, nq, nk, d, dtype, budget, window, sinks, block_q, padding, b
 run(1, 4, 2, 300, 300, 128, torch.bfloat16, 40, 16, 2, 16, True, True)
 run(1, 16, 2, 200, 700, 64, torch.float16, 100, 32, 4, 64, False, True)
 run(1, 8, 2, 300, 300, 128, torch.bfloat16, 40, 16, 2, 64, True, True)  # backward: 256-row CTAs, D=128
-run(1, 4, 1, 600, 600, 128, torch.bfloat16, 4300, 16, 4, 64, False, False)  # metadata reload (fwd)
+run(1, 4, 1, 600, 600, 128, torch.bfloat16, 4300, 16, 4, 64, False, False)  # fwd: 10 tiles, the K / V ring wraps three times
 run(1, 4, 1, 300, 2600, 64, torch.bfloat16, 2100, 16, 4, 64, False, True)  # bwd: long key list, D=64
 run(1, 8, 2, 200, 1300, 128, torch.bfloat16, 600, 64, 4, 64, True, True)  # bwd: 256-row CTAs, D=128, ~11 tiles
 run(2, 8, 2, 1, 3000, 128, torch.bfloat16, 512, 64, 4, 64, True, False)  # decode: split + merge

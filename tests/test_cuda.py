@@ -137,7 +137,7 @@ CPU_CASES = [
     # batch, hq, hkv, nq, nk, budget, window, sinks, block_q, kind, padding
     (1, 8, 2, 3000, 3000, 300, 128, 4, 64, "randn", False),  # 256-row CTAs
     (1, 16, 2, 1200, 1200, 200, 64, 4, 64, "slope", True),  # 512 rows: two row chunks
-    (1, 4, 1, 6000, 6000, 5000, 64, 4, 64, "randn", False),  # key list > 4096: metadata reloads
+    (1, 4, 1, 6000, 6000, 5000, 64, 4, 64, "randn", False),  # 5000-key lists: the K / V ring wraps many times
     (2, 8, 2, 1, 5000, 1024, 256, 4, 64, "randn", False),  # decode: split keys across CTAs
     (1, 8, 4, 5, 4000, 512, 128, 0, 16, "slope", False),  # short chunk, split
     (1, 4, 4, 700, 700, 64, 32, 2, 7, "randn", False),  # block_q not a power of two
@@ -180,7 +180,7 @@ GRAD_CASES = [
     (1, 16, 2, 700, 700, 100, 32, 2, 64, True, "slope", True),  # 2 row chunks of 256 in the backward
     (2, 4, 4, 600, 600, 80, 16, 0, 16, False, "randn", False),
     (1, 4, 2, 3, 900, 100, 64, 4, 32, True, "randn", False),
-    (1, 4, 1, 3000, 3000, 2500, 64, 4, 64, True, "randn", False),  # key list > 2048: metadata reloads
+    (1, 4, 1, 3000, 3000, 2500, 64, 4, 64, True, "randn", False),  # 2600-key lists: 41 tiles
 ]
 
 

@@ -136,6 +136,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
     const uint32_t kt = k_addr + st * kBC * D * 2, vt = v_addr + st * kBC * D * 2;
     // S = Q K^T for every row block (one commit group each). Ping-pong: the warpgroups take turns
     // to issue them (named barriers 3 and 4), so one's softmax runs under the other's products.
+    // Warpgroup 0 goes first; warpgroup 1 does not hand the turn back after its last tile, so
+    // every arrival is matched.
     float s[RB][kBC / 2];
     if (wg == 1 || i > 0) asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory");
     wgmma_fence();

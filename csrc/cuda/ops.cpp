@@ -1,5 +1,5 @@
 // CUDA implementations of sparsek::select / fwd / bwd: argument checks, allocation, the ATen
-// steps between kernels (sorts, prefix sums, running max) and the launches. Same schemas, output
+// steps between kernels (sorts, prefix sums) and the launches. Same schemas, output
 // layouts and semantics as the CPU backend (DESIGN.md), so the fake kernels and autograd in
 // sparsek_hf/_ops.py serve both.
 #include <ATen/ATen.h>
