@@ -514,7 +514,6 @@ __global__ void __launch_bounds__(THREADS) sort_gates_kernel(const SelectParams 
   }
 }
 
-// |F| again for the blocks whose tau the running max raised (rounding only; rare).
 // tau[row, t] = max of raw_tau[row, 0..t]: one warp per row, each lane a contiguous run of blocks.
 __global__ void running_max_kernel(const SelectParams p, const double* raw_tau, double* tau) {
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
@@ -539,6 +538,7 @@ __global__ void running_max_kernel(const SelectParams p, const double* raw_tau, 
   }
 }
 
+// |F| again for the blocks whose tau the running max raised (rounding only; rare).
 __global__ void fix_nfrac_kernel(const SelectParams p, const SelectScratch s, const double* tau_all, int32_t* nfrac) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.x * kWarpsPerCta + warp;
