@@ -29,7 +29,7 @@ namespace {
 constexpr int kThreads = 256;  // two warpgroups
 constexpr int kTK = 64;         // keys per tile
 
-// P and dS buffers (elements): each also stages one warpgroup's fp32 dV^T / dK^T tile for the
+// P and dS buffers (elements): each also stages one warpgroup's fp32 dV / dK tile for the
 // vector reductions.
 template <int D, int RB>
 constexpr int ps_elems() { return 128 * RB * kTK > kTK * D * 2 ? 128 * RB * kTK : kTK * D * 2; }

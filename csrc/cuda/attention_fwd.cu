@@ -37,7 +37,7 @@ constexpr size_t fwd_smem_bytes() {
 
 template <typename T, int D, int RB>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, const FwdOut o) {
-  constexpr int kRows = 128 * RB;
+  constexpr int kRows = 128 * RB;  // rows of the CTA
   constexpr int S = kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* base = smem_raw + smem_align_offset(smem_raw);
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
   uint64_t* full = reinterpret_cast<uint64_t*>(tile_pos + S * kBC);
   uint64_t* empty = full + S;
 
-  constexpr int CH = D / 8;
+  constexpr int CH = D / 8;  // 16-byte chunks per row
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wgi = warpgroup_index(), wq = warp & 3;
   const CtaWork work = CtaWork::of(p, o.num_splits);
@@ -114,11 +114,12 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
 
   const float scale2 = p.scale * kLog2e;
   const int g = lane >> 2, c4 = lane & 3;
+  // Causal limit per row: key column kk of tile n is masked when kk > lim - n * kBC.
   int lim[RB][2];
   causal_limits<RB>(geo, row_begin, rows_here, wg, wq, g, lim);
 
   const uint32_t q_addr = smem_addr(Qs), k_addr = smem_addr(Ks), v_addr = smem_addr(Vs);
-  constexpr uint32_t kRowPanel = kRows * 128, kKeyPanel = kBC * 128;
+  constexpr uint32_t kRowPanel = kRows * 128, kKeyPanel = kBC * 128;  // bytes of one 64-column panel
 
   float acc[RB][D / 2];
   float m[RB][2], l[RB][2];
@@ -199,10 +200,10 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
       wgmma_fragments_by_tile<T, D, kBC>(acc[rb], s[rb], vt, kKeyPanel);
       wgmma_commit();
     }
-    wgmma_wait<0>();
+    wgmma_wait<0>();  // this thread's products have read the stage: it may be refilled
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) wgmma_pin(acc[rb]);
-    mbar_arrive(&empty[st]);  // this thread's products have read the stage
+    mbar_arrive(&empty[st]);
   }
 
   // Epilogue: normalise, write lse, and out (staged through the CTA's Q rows) or the split's

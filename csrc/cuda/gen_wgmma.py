@@ -27,18 +27,18 @@ __device__ __forceinline__ void wgmma_pin(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// Shared-memory matrix descriptor: start address, leading / stride byte offsets, swizzle mode
-// (kSwizzle128, the layout every tile uses; the tile base must be aligned to its 1024-byte atom).
+// Shared-memory matrix descriptor: start address, leading / stride byte offsets and the 128-byte
+// swizzle, the layout every tile uses (the tile base must be aligned to its 1024-byte atom).
 constexpr uint64_t kSwizzle128 = 1;
-__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_byte_addr, uint32_t lbo, uint32_t sbo,
-                                               uint64_t swizzle = kSwizzle128) {
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_byte_addr, uint32_t lbo, uint32_t sbo) {
   return static_cast<uint64_t>((smem_byte_addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
-         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (swizzle << 62);
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (kSwizzle128 << 62);
 }
 // The descriptor of the address byte_offset bytes (a multiple of 16) past desc's: one add to the
 // start-address field, which cannot carry (shared addresses stay below 2^18). The products build
 // one descriptor per operand and step it per k-step, instead of masking and shifting each time:
-// the backward issues 68 wgmma per tile (about 450 instructions built their descriptors before).
+// a backward warpgroup issues 56 wgmma per tile (when it issued 68, about 450 instructions built
+// their descriptors).
 __device__ __forceinline__ uint64_t wgmma_desc_add(uint64_t desc, uint32_t byte_offset) {
   uint64_t r;  // (assembled in PTX so that the compiler keeps it one 32-bit add)
   asm("mov.b64 %0, {%1, %2};" : "=l"(r) : "r"(static_cast<uint32_t>(desc) + (byte_offset >> 4)),
