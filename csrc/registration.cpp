@@ -4,7 +4,7 @@
 // fwd     selection + attention in one operator, so torch.compile sees one node; it also returns
 //         the selection, which the backward reuses;
 // bwd     gradients of q, k, v and (soft mode) the scores.
-// Fake (meta) kernels and autograd are registered from Python (sparsek_hf/_ops.py).
+// Fake (meta) kernels are registered from Python (sparsek_hf/_ops.py), autograd in autograd.cpp.
 #include <Python.h>
 #include <torch/library.h>
 

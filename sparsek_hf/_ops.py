@@ -1,4 +1,4 @@
-"""The compiled sparsek:: operators: loading, fake (meta) kernels, autograd, backend discovery."""
+"""The compiled sparsek:: operators: loading, fake (meta) kernels, backend discovery (autograd: csrc/autograd.cpp)."""
 
 from __future__ import annotations
 
@@ -63,24 +63,4 @@ if _C is not None:
                   block_q, scale, soft, scores_grad):
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(scores))
 
-    def _fwd_setup(ctx, inputs, output):
-        q, k, v, scores, key_valid, budget, window, sinks, block_q, scale, soft = inputs
-        out, lse, idx, gate, count, tau, nfrac = output
-        ctx.save_for_backward(q, k, v, scores, key_valid, out, lse, idx, gate, count, tau, nfrac)
-        ctx.config = (window, sinks, block_q, scale, soft)
-        ctx.mark_non_differentiable(lse, idx, gate, count, tau, nfrac)
-        # Only out carries a gradient: no zero-filled gradients for the six other outputs.
-        ctx.set_materialize_grads(False)
-
-    def _fwd_backward(ctx, grad_out, *unused_grads):
-        q, k, v, scores, key_valid, out, lse, idx, gate, count, tau, nfrac = ctx.saved_tensors
-        window, sinks, block_q, scale, soft = ctx.config
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv, dscores = torch.ops.sparsek.bwd(
-            grad_out.contiguous(), q, k, v, out, lse, scores, key_valid, idx, gate, count, tau, nfrac,
-            window, sinks, block_q, scale, soft, bool(ctx.needs_input_grad[3]),
-        )
-        return dq, dk, dv, dscores, None, None, None, None, None, None, None
-
-    torch.library.register_autograd("sparsek::fwd", _fwd_backward, setup_context=_fwd_setup)
+    # Autograd of sparsek::fwd is registered in C++ (csrc/autograd.cpp): one C++ call per forward.
