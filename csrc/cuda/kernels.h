@@ -52,8 +52,9 @@ void select_decode(const SelectParams& p, const SelectScratch& s, cudaStream_t s
 void select_by_blk(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
 // Step 3 from the unsorted tile_keys, one block sort per tile (false: tiles too large, sort first).
 bool select_by_blk_sorted(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
-// Step 3b: per-tile columns of cnt/sum (the caller then takes the cumulative sum over tiles).
+// Step 3b: per-tile columns of cnt/sum, then their prefix sums over tiles (in place).
 void select_tables(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
+void select_scan_tables(const SelectParams& p, const SelectScratch& s, cudaStream_t stream);
 // Step 4: per block, top-K set (unsorted, padded with num_keys), count, raw tau and |F| at it.
 void select_blocks(const SelectParams& p, const SelectScratch& s, int32_t* idx, int32_t* count, int32_t* nfrac,
                    cudaStream_t stream);

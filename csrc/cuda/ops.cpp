@@ -151,11 +151,9 @@ Selection select_cuda(const at::Tensor& scores_in, const c10::optional<at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sparsek_cuda::select_tables(p, s, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  cnt = cnt.cumsum(2, at::kInt).contiguous();  // over tiles: candidates among ranks < X * tile
-  sum = sum.cumsum(2).contiguous();
+  sparsek_cuda::select_scan_tables(p, s, stream);  // over tiles: candidates among ranks < X * tile
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor raw_tau = at::empty({rows, blocks}, opts.dtype(at::kDouble));
-  s.cnt = cnt.data_ptr<int32_t>();
-  s.sum = sum.data_ptr<double>();
   s.raw_tau = raw_tau.data_ptr<double>();
   sparsek_cuda::select_blocks(p, s, sel.idx.data_ptr<int32_t>(), sel.count.data_ptr<int32_t>(),
                               sel.nfrac.data_ptr<int32_t>(), stream);

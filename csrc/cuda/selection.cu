@@ -514,6 +514,40 @@ __global__ void __launch_bounds__(THREADS) sort_gates_kernel(const SelectParams 
   }
 }
 
+// The tables' prefix sums over tiles, in place: one warp per (row, block) line of len cells, in
+// chunks of 32 (a shuffle scan each, carried over), cnt and sum together.
+__global__ void scan_tables_kernel(int64_t lines, int len, int32_t* cnt, double* sum) {
+  const int64_t line = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (line >= lines) return;
+  int32_t* c = cnt + line * len;
+  double* u = sum + line * len;
+  int carry_c = 0;
+  double carry_u = 0.0;
+  for (int base = 0; base < len; base += 32) {
+    const int i = base + lane;
+    int vc = i < len ? c[i] : 0;
+    double vu = i < len ? u[i] : 0.0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int tc = __shfl_up_sync(0xffffffffu, vc, o);
+      const double tu = __shfl_up_sync(0xffffffffu, vu, o);
+      if (lane >= o) {
+        vc += tc;
+        vu += tu;
+      }
+    }
+    vc += carry_c;
+    vu += carry_u;
+    if (i < len) {
+      c[i] = vc;
+      u[i] = vu;
+    }
+    carry_c = __shfl_sync(0xffffffffu, vc, 31);
+    carry_u = __shfl_sync(0xffffffffu, vu, 31);
+  }
+}
+
 // tau[row, t] = max of raw_tau[row, 0..t]: one warp per row, each lane a contiguous run of blocks.
 __global__ void running_max_kernel(const SelectParams p, const double* raw_tau, double* tau) {
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
@@ -656,6 +690,12 @@ void select_tables(const SelectParams& p, const SelectScratch& s, cudaStream_t s
     cudaFuncSetAttribute(tables_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const dim3 grid((p.num_tiles + per_cta - 1) / per_cta, p.rows);
   tables_kernel<<<grid, kTableThreads, smem, stream>>>(p, s, per_cta);
+}
+
+void select_scan_tables(const SelectParams& p, const SelectScratch& s, cudaStream_t stream) {
+  const int64_t lines = static_cast<int64_t>(p.rows) * p.num_blocks;
+  if (lines == 0) return;
+  scan_tables_kernel<<<static_cast<unsigned>((lines + 7) / 8), 256, 0, stream>>>(lines, p.num_tiles + 1, s.cnt, s.sum);
 }
 
 void select_blocks(const SelectParams& p, const SelectScratch& s, int32_t* idx, int32_t* count, int32_t* nfrac,
