@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "../sparsek.h"
 #include "kernels.h"
@@ -313,8 +314,11 @@ BwdTuple bwd_cuda_op(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   const bool want_dgate = scores_grad && soft && geo.width > 0;
 
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dk_acc = at::zeros(k.sizes(), k.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dv_acc = at::zeros_like(dk_acc);
+  // dK and dV accumulate in one fp32 buffer: one fill instead of two.
+  std::vector<int64_t> acc_sizes{2};
+  acc_sizes.insert(acc_sizes.end(), k.sizes().begin(), k.sizes().end());
+  const at::Tensor kv_acc = at::zeros(acc_sizes, k.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor dk_acc = kv_acc.select(0, 0), dv_acc = kv_acc.select(0, 1);
   at::Tensor dgate = want_dgate ? at::zeros(s.gate.sizes(), s.gate.options()) : at::Tensor();
   at::Tensor dscores = at::zeros(scores.sizes(), scores.options());
   if (q.numel() == 0 || geo.num_blocks == 0) {
