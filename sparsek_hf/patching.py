@@ -48,12 +48,12 @@ FAMILIES: dict[str, _Family] = {
 }
 
 
-def _needs_monkeypatch(model: nn.Module, family: _Family) -> bool:
+def _needs_monkeypatch(model: nn.Module, family: _Family, layers: list[nn.Module]) -> bool:
     """Whether this model's attention ignores the AttentionInterface, so sparsek_hf.patches must step in."""
     if family.patch is None:
         return False
-    if family.patch is patches.falcon:
-        return True
+    if family.patch is patches.falcon:  # Transformers' source heuristic misjudges the inline Falcon
+        return patches.falcon.computes_attention_inline(layers[0])
     can_set = getattr(type(model), "_can_set_attn_implementation", None)  # Transformers' own check
     return not can_set() if can_set is not None else True
 
@@ -125,7 +125,7 @@ def patch(model: nn.Module, config: SparseKConfig | None = None, scorer_path=Non
     if previous != ATTN_IMPLEMENTATION and "_sparsek_previous_attn" not in model.__dict__:
         model._sparsek_previous_attn = previous
     configure(model, config)
-    if _needs_monkeypatch(model, family):
+    if _needs_monkeypatch(model, family, layers):
         for module in layers:
             family.patch.apply(module)
         model.config._attn_implementation = ATTN_IMPLEMENTATION

@@ -251,6 +251,16 @@ def _current_layer(module: nn.Module, key: torch.Tensor) -> SparseKLayer | None:
 # -- masks -------------------------------------------------------------------------------------------
 
 
+def _refuse_alibi(config) -> None:
+    """ALiBi (Falcon's ``config.alibi``) is an additive position bias, which SparseK cannot apply.
+    Checked where the mask is built too: such models fold the bias into the mask before attention."""
+    if getattr(config, "alibi", False) is True:
+        raise ValueError(
+            "sparsek does not support ALiBi position bias (this model's config.alibi is True); only rotary or "
+            "learned-position models"
+        )
+
+
 def sparsek_mask(
     batch_size: int,
     q_length: int,
@@ -266,6 +276,7 @@ def sparsek_mask(
     SparseK is causal by definition and brings its own window, so the causal (and any sliding-window)
     pattern of ``mask_function`` is not materialised; only padding is.
     """
+    _refuse_alibi(kwargs.get("config"))
     if kv_offset != 0:
         raise ValueError(
             "sparsek needs every key from position 0, but this model's cache dropped the first "
@@ -313,6 +324,7 @@ def _check_call(module: nn.Module, is_causal, dropout: float, kwargs: dict) -> N
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"sparsek attention does not support {what} ('{name}'); use another attn_implementation")
+    _refuse_alibi(getattr(module, "config", None))
     if is_causal is False or getattr(module, "is_causal", True) is False:
         raise ValueError(
             f"sparsek attention is causal only; {type(module).__name__} is a non-causal (e.g. encoder or "

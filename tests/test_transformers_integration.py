@@ -49,7 +49,7 @@ def _configs():
         "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common),
         "gpt_neox": GPTNeoXConfig(**llama_like, **common),
         "gptj": GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256, **common),
-        # Falcon does not route through the AttentionInterface: sparsek_hf.patches.falcon
+        # Falcon: sparsek_hf.patches.falcon where it does not route through the AttentionInterface
         "falcon": FalconConfig(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
             alibi=False, **common,
@@ -222,7 +222,10 @@ def test_patched_family_round_trip_and_scorer_files(tmp_path):
         want = model(ids, attention_mask=mask).logits
     model.save_pretrained(tmp_path / "model")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
-    assert loaded.config._attn_implementation == "sdpa"  # Falcon cannot be built with "sparsek": patch it
+    # An inline Falcon (older Transformers) cannot be built with "sparsek" and loads as SDPA; one that
+    # routes through the AttentionInterface loads in sparsek mode. patch() serves both.
+    inline = sparsek_hf.patches.falcon.computes_attention_inline(attention_layers(loaded)[0])
+    assert loaded.config._attn_implementation == ("sdpa" if inline else "sparsek")
     sparsek_hf.patch(loaded)  # settings from config.json, scorers from the checkpoint
     with torch.no_grad():
         assert torch.equal(loaded(ids, attention_mask=mask).logits, want)

@@ -3,8 +3,8 @@
 
 Each module exposes ``apply(module)`` / ``revert(module)`` for one attention layer and
 ``kv_heads(module)``; ``sparsek_hf.patch`` calls them when the loaded model cannot switch its
-attention through the interface. Families here: Falcon (rotary variants), and GPT-J in Transformers
-releases whose GPT-J does not use the interface yet.
+attention through the interface. Families here: Falcon (rotary variants) and GPT-J, each in the Transformers
+releases whose layer does not use the interface yet.
 """
 
 from . import falcon, gptj

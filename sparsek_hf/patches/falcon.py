@@ -1,5 +1,7 @@
-"""Falcon: its attention computes SDPA or eager attention inline, so SparseK replaces the forward
-of each ``FalconAttention`` (and ``FalconFlashAttention2``) layer.
+"""Falcon in Transformers releases whose ``FalconAttention.forward`` takes ``alibi`` and computes SDPA
+or eager attention inline: SparseK replaces the forward of each ``FalconAttention`` (and
+``FalconFlashAttention2``) layer. Newer releases route Falcon through the ``AttentionInterface``
+(the ALiBi bias folded into the attention mask) and need no patch: ``sparsek_hf.patch`` decides.
 
 The replacement keeps Falcon's projections, rotary embedding and cache update, and attends with
 the true number of kv heads (new decoder architecture: ``num_kv_heads``; multi-query: 1) instead of
@@ -9,12 +11,19 @@ has no additive position bias.
 
 from __future__ import annotations
 
+import inspect
 from types import MethodType
 
 import torch
 from torch import nn
 
 ATTENTION_CLASSES = ("FalconAttention",)
+
+
+def computes_attention_inline(module: nn.Module) -> bool:
+    """Whether this Falcon attention layer is the inline kind this patch replaces (its forward takes
+    ``alibi``), rather than one that calls the AttentionInterface."""
+    return "alibi" in inspect.signature(type(module).forward).parameters
 
 
 def kv_heads(module: nn.Module) -> int:
