@@ -253,7 +253,9 @@ def _current_layer(module: nn.Module, key: torch.Tensor) -> SparseKLayer | None:
 
 def _refuse_alibi(config) -> None:
     """ALiBi (Falcon's ``config.alibi``) is an additive position bias, which SparseK cannot apply.
-    Checked where the mask is built too: such models fold the bias into the mask before attention."""
+    Such models fold the bias into the mask, so this runs where the mask is built (before the model
+    adds the bias to it), and where attention is called for callers of the attention function that
+    bring their own mask."""
     if getattr(config, "alibi", False) is True:
         raise ValueError(
             "sparsek does not support ALiBi position bias (this model's config.alibi is True); only rotary or "

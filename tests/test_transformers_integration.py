@@ -310,6 +310,11 @@ def test_attention_function_refuses_what_it_cannot_compute():
         transformers_integration.sparsek_attention_forward(layer, q, kv, kv, None, softcap=30.0)
     with pytest.raises(ValueError, match="causal only"):
         transformers_integration.sparsek_attention_forward(layer, q, kv, kv, None, is_causal=False)
+    alibi = _configs()["falcon"]
+    alibi.alibi, alibi.new_decoder_architecture = True, False
+    alibi_layer = attention_layers(AutoModelForCausalLM.from_config(alibi))[0]  # with a caller's own mask
+    with pytest.raises(ValueError, match="ALiBi"):
+        transformers_integration.sparsek_attention_forward(alibi_layer, q, kv, kv, torch.zeros(1, 1, 5, 5))
     with pytest.raises(ValueError, match="expected \\[B, Nk\\] = \\[1, 5\\]"):
         transformers_integration.sparsek_attention_forward(layer, q, kv, kv, torch.ones(1, 7, dtype=torch.bool))
     # a user's 4-D mask contributes which keys are real
