@@ -20,6 +20,8 @@
 // than from a metadata array, and lse / delta are read straight into registers.
 // Q, dO, K, V, P and dS are panels of rows x 64 elements with wgmma's 128-byte swizzle. d scores
 // from dgate run afterwards (scores_grad_* below), like scores_grad_cpu.
+#include <algorithm>
+
 #include "block_keys.cuh"
 #include "wgmma.cuh"
 
@@ -401,37 +403,144 @@ __global__ void scores_grad_keys_kernel(const SelectParams p, const double* tau,
   dscores[rj] = static_cast<float>(d);
 }
 
-// delta = rowsum(dout * out) in fp32: one warp per row, 16-byte loads.
-template <typename T>
-__global__ void row_dot_kernel(const T* dout, const T* out, float* delta, int64_t rows, int head_dim) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (r >= rows) return;
-  float acc = 0.f;
-  for (int c = lane * 8; c < head_dim; c += 256) {
-    const uint4 a = *reinterpret_cast<const uint4*>(dout + r * head_dim + c);
-    const uint4 b = *reinterpret_cast<const uint4*>(out + r * head_dim + c);
-    const T* ap = reinterpret_cast<const T*>(&a);
-    const T* bp = reinterpret_cast<const T*>(&b);
+// One prefix-sum line per row: prefix[row][0] = 0, prefix[row][t + 1] = sum of block_term[row][<= t]
+// (one warp per row: the lines are a few hundred to a few thousand blocks).
+__global__ void block_prefix_kernel(const double* block_term, double* prefix, int rows, int num_blocks) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const double* in = block_term + static_cast<int64_t>(row) * num_blocks;
+  double* outp = prefix + static_cast<int64_t>(row) * (num_blocks + 1);
+  if (lane == 0) outp[0] = 0.0;
+  double carry = 0.0;
+  for (int base = 0; base < num_blocks; base += 32) {
+    const int t = base + lane;
+    double x = t < num_blocks ? in[t] : 0.0;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc += Mma<T>::to_float(ap[i]) * Mma<T>::to_float(bp[i]);
+    for (int o = 1; o < 32; o <<= 1) {
+      const double y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
+    }
+    if (t < num_blocks) outp[t + 1] = carry + x;
+    carry += __shfl_sync(0xffffffffu, x, 31);
   }
-  acc = warp_sum(acc);
-  if (lane == 0) delta[r] = acc;
+}
+
+// The backward's prologue in one launch: delta = rowsum(dout * out) in fp32 (kLanes lanes of 16
+// bytes per row, four rows per lane group in flight) and the zeroing of the buffers the backward
+// kernel adds into. Both are bound by memory bandwidth, and one grid-stride launch replaces the
+// row-dot kernel and three fills.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) bwd_prologue_kernel(const T* dout, const T* out, float* delta, int64_t rows,
+                                                           const ZeroSpans z) {
+  constexpr int kLanes = D / 8, kGroups = 32 / kLanes, kUnroll = 4;
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < ZeroSpans::kMax; ++i) {
+    uint4* dst = static_cast<uint4*>(z.ptr[i]);
+    const int64_t n16 = z.bytes[i] / 16;
+    for (int64_t e = gtid; e < n16; e += threads) dst[e] = make_uint4(0u, 0u, 0u, 0u);
+    unsigned char* tail = static_cast<unsigned char*>(z.ptr[i]);
+    for (int64_t e = n16 * 16 + gtid; e < z.bytes[i]; e += threads) tail[e] = 0;
+  }
+  const int lane = threadIdx.x & 31, sub = lane % kLanes;
+  const int64_t groups = threads / 32 * kGroups;
+  // The bound is the warp's (its first group's row), so the shuffles below see every lane.
+  for (int64_t w0 = gtid / 32 * kGroups; w0 < rows; w0 += groups * kUnroll) {
+    const int64_t r0 = w0 + lane / kLanes;
+    uint4 a[kUnroll], b[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t r = r0 + u * groups;
+      if (r < rows) {
+        a[u] = *reinterpret_cast<const uint4*>(dout + r * D + sub * 8);
+        b[u] = *reinterpret_cast<const uint4*>(out + r * D + sub * 8);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t r = r0 + u * groups;
+      float acc = 0.f;
+      if (r < rows) {
+        const T* ap = reinterpret_cast<const T*>(&a[u]);
+        const T* bp = reinterpret_cast<const T*>(&b[u]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc += Mma<T>::to_float(ap[i]) * Mma<T>::to_float(bp[i]);
+      }
+#pragma unroll
+      for (int o = kLanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (r < rows && sub == 0) delta[r] = acc;
+    }
+  }
+}
+
+// dK and dV from their one fp32 buffer [2][n] to q's dtype, eight elements a thread per step.
+template <typename T>
+__global__ void __launch_bounds__(256) cast_pair_kernel(const float* acc, T* out0, T* out1, int64_t n) {
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t gtid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n8 = n / 8;
+  for (int64_t e = gtid; e < 2 * n8; e += threads) {
+    const int half = e >= n8;
+    const int64_t i = (e - half * n8) * 8;
+    const float4 x = *reinterpret_cast<const float4*>(acc + half * n + i);
+    const float4 y = *reinterpret_cast<const float4*>(acc + half * n + i + 4);
+    uint4 o;
+    o.x = Mma<T>::pack(x.x, x.y);
+    o.y = Mma<T>::pack(x.z, x.w);
+    o.z = Mma<T>::pack(y.x, y.y);
+    o.w = Mma<T>::pack(y.z, y.w);
+    *reinterpret_cast<uint4*>((half ? out1 : out0) + i) = o;
+  }
+  for (int64_t i = n8 * 8 + gtid; i < n; i += threads) {  // the n % 8 tail
+    out0[i] = Mma<T>::from_float(acc[i]);
+    out1[i] = Mma<T>::from_float(acc[n + i]);
+  }
+}
+
+// Grids of memory-bound kernels: enough resident threads on every SM to keep loads in flight.
+unsigned streaming_grid(int64_t work_per_thread_units) {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t full = static_cast<int64_t>(sms) * 8;
+  const int64_t need = (work_per_thread_units + 255) / 256;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(full, need)));
 }
 
 }  // namespace
 
-void row_dot(const void* dout, const void* out, float* delta, int64_t rows, int head_dim, DType dtype,
-             cudaStream_t stream) {
-  if (rows == 0) return;
-  const unsigned grid = static_cast<unsigned>((rows + 7) / 8);
+void bwd_prologue(const void* dout, const void* out, float* delta, int64_t rows, int head_dim, const ZeroSpans& zero,
+                  DType dtype, cudaStream_t stream) {
+  int64_t units = rows * head_dim / 8;
+  for (int i = 0; i < ZeroSpans::kMax; ++i) units = std::max<int64_t>(units, zero.bytes[i] / 16);
+  if (units == 0) return;
+  const unsigned grid = streaming_grid(units);
+  const bool bf16 = dtype == DType::kBFloat16;
+  if (head_dim == 64) {
+    if (bf16)
+      bwd_prologue_kernel<__nv_bfloat16, 64><<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(dout),
+                                                                      static_cast<const __nv_bfloat16*>(out), delta, rows, zero);
+    else
+      bwd_prologue_kernel<__half, 64><<<grid, 256, 0, stream>>>(static_cast<const __half*>(dout),
+                                                               static_cast<const __half*>(out), delta, rows, zero);
+  } else {
+    if (bf16)
+      bwd_prologue_kernel<__nv_bfloat16, 128><<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(dout),
+                                                                       static_cast<const __nv_bfloat16*>(out), delta, rows, zero);
+    else
+      bwd_prologue_kernel<__half, 128><<<grid, 256, 0, stream>>>(static_cast<const __half*>(dout),
+                                                                static_cast<const __half*>(out), delta, rows, zero);
+  }
+}
+
+void cast_pair(const float* acc, void* out0, void* out1, int64_t n, DType dtype, cudaStream_t stream) {
+  if (n == 0) return;
+  const unsigned grid = streaming_grid(2 * ((n + 7) / 8));
   if (dtype == DType::kBFloat16)
-    row_dot_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(dout),
-                                                           static_cast<const __nv_bfloat16*>(out), delta, rows, head_dim);
+    cast_pair_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(acc, static_cast<__nv_bfloat16*>(out0),
+                                                             static_cast<__nv_bfloat16*>(out1), n);
   else
-    row_dot_kernel<__half><<<grid, 256, 0, stream>>>(static_cast<const __half*>(dout), static_cast<const __half*>(out),
-                                                    delta, rows, head_dim);
+    cast_pair_kernel<__half><<<grid, 256, 0, stream>>>(acc, static_cast<__half*>(out0), static_cast<__half*>(out1), n);
 }
 
 void attention_bwd(const AttnParams& p, const BwdParams& g, DType dtype, cudaStream_t stream) {
@@ -450,6 +559,11 @@ void scores_grad_blocks(const SelectParams& p, const int32_t* idx, const float* 
   if (p.num_blocks == 0 || p.rows == 0) return;
   const dim3 grid((p.num_blocks + 7) / 8, p.rows);
   scores_grad_blocks_kernel<<<grid, 256, 0, stream>>>(p, idx, dgate, count, tau, nfrac, du, block_term);
+}
+
+void scores_grad_prefix(const double* block_term, double* prefix, int rows, int num_blocks, cudaStream_t stream) {
+  if (rows == 0) return;
+  block_prefix_kernel<<<(rows + 7) / 8, 256, 0, stream>>>(block_term, prefix, rows, num_blocks);
 }
 
 void scores_grad_keys(const SelectParams& p, const double* tau, const double* prefix, double* du, float* dscores,

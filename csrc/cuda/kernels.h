@@ -116,14 +116,27 @@ struct BwdParams {
 
 void attention_bwd(const AttnParams& p, const BwdParams& g, DType dtype, cudaStream_t stream);
 
-// d scores (DESIGN.md "Score gradient"): per block sums, then per key.
-// delta[row] = sum_d dout[row, d] * out[row, d] (fp32), rows of contiguous [.., D] tensors.
-void row_dot(const void* dout, const void* out, float* delta, int64_t rows, int head_dim, DType dtype,
-             cudaStream_t stream);
+// Buffers the backward adds into, zeroed by its prologue (null / 0 bytes: unused slot). Bases
+// 16-byte aligned (every ATen CUDA allocation is).
+struct ZeroSpans {
+  static constexpr int kMax = 3;
+  void* ptr[kMax];
+  int64_t bytes[kMax];
+};
 
+// Before attention_bwd, one launch: delta[row] = sum_d dout[row, d] * out[row, d] (fp32; rows of
+// contiguous [.., head_dim] tensors, head_dim 64 or 128) and the zeroing of `zero`.
+void bwd_prologue(const void* dout, const void* out, float* delta, int64_t rows, int head_dim, const ZeroSpans& zero,
+                  DType dtype, cudaStream_t stream);
+// After it: out0 / out1 (q's dtype) = acc[0 .. n) / acc[n .. 2n) (fp32), one launch for dK and dV.
+void cast_pair(const float* acc, void* out0, void* out1, int64_t n, DType dtype, cudaStream_t stream);
+
+// d scores (DESIGN.md "Score gradient"): per block sums, their prefix over blocks, then per key.
 void scores_grad_blocks(const SelectParams& p, const int32_t* idx, const float* dgate, const int32_t* count,
                         const double* tau, const int32_t* nfrac, double* du, double* block_term,
                         cudaStream_t stream);
+// prefix[row] = [0, cumulative sums of block_term[row]] (num_blocks + 1 per row).
+void scores_grad_prefix(const double* block_term, double* prefix, int rows, int num_blocks, cudaStream_t stream);
 void scores_grad_keys(const SelectParams& p, const double* tau, const double* prefix, double* du, float* dscores,
                       cudaStream_t stream);
 

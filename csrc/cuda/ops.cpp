@@ -314,21 +314,39 @@ BwdTuple bwd_cuda_op(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   const bool want_dgate = scores_grad && soft && geo.width > 0;
 
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  // dK and dV accumulate in one fp32 buffer: one fill instead of two.
+  // dK and dV accumulate in one fp32 buffer [2, B, Hkv, Nk, D], zeroed with delta's computation in
+  // one prologue launch and cast to q's dtype in one launch at the end.
   std::vector<int64_t> acc_sizes{2};
   acc_sizes.insert(acc_sizes.end(), k.sizes().begin(), k.sizes().end());
-  const at::Tensor kv_acc = at::zeros(acc_sizes, k.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
-  const at::Tensor dk_acc = kv_acc.select(0, 0), dv_acc = kv_acc.select(0, 1);
-  at::Tensor dgate = want_dgate ? at::zeros(s.gate.sizes(), s.gate.options()) : at::Tensor();
-  at::Tensor dscores = at::zeros(scores.sizes(), scores.options());
+  const at::Tensor kv_acc = at::empty(acc_sizes, k.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dk = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dv = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
   if (q.numel() == 0 || geo.num_blocks == 0) {
     dq.zero_();
-    return {dq, dk_acc.to(k.scalar_type()), dv_acc.to(v.scalar_type()), dscores};
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, at::zeros(scores.sizes(), scores.options())};
   }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t rows = scores.size(0) * scores.size(1);
+  // With the score gradient, scores_grad_keys writes every element of dscores; the backward kernel
+  // adds into dgate and scores_grad_blocks into du, so the prologue zeroes those two.
+  at::Tensor dgate = want_dgate ? at::empty(s.gate.sizes(), s.gate.options()) : at::Tensor();
+  at::Tensor du = want_dgate ? at::empty({rows, scores.size(2)}, scores.options().dtype(at::kDouble)) : at::Tensor();
+  at::Tensor dscores = want_dgate ? at::empty(scores.sizes(), scores.options()) : at::zeros(scores.sizes(), scores.options());
   const at::Tensor out_c = out.to(q.scalar_type()).contiguous();
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  sparsek_cuda::row_dot(dout.data_ptr(), out_c.data_ptr(), delta.data_ptr<float>(), delta.numel(), q.size(3),
-                        dtype_of(q), c10::cuda::getCurrentCUDAStream().stream());
+  sparsek_cuda::ZeroSpans zero{};
+  zero.ptr[0] = kv_acc.data_ptr();
+  zero.bytes[0] = kv_acc.numel() * 4;
+  if (want_dgate) {
+    zero.ptr[1] = dgate.data_ptr();
+    zero.bytes[1] = dgate.numel() * 4;
+    zero.ptr[2] = du.data_ptr();
+    zero.bytes[2] = du.numel() * 8;
+  }
+  sparsek_cuda::bwd_prologue(dout.data_ptr(), out_c.data_ptr(), delta.data_ptr<float>(), delta.numel(), q.size(3), zero,
+                             dtype_of(q), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor lse_c = lse.contiguous();
   AttnParams p = attn_params(q, k, v, valid, s, geo, window, sinks, scale);
@@ -337,29 +355,31 @@ BwdTuple bwd_cuda_op(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   g.lse = lse_c.data_ptr<float>();
   g.delta = delta.data_ptr<float>();
   g.dq = dq.data_ptr();
-  g.dk_acc = dk_acc.data_ptr<float>();
-  g.dv_acc = dv_acc.data_ptr<float>();
+  g.dk_acc = kv_acc.select(0, 0).data_ptr<float>();
+  g.dv_acc = kv_acc.select(0, 1).data_ptr<float>();
   g.dgate = want_dgate ? dgate.data_ptr<float>() : nullptr;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   sparsek_cuda::attention_bwd(p, g, dtype_of(q), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (want_dgate) {
     const SelectParams sp = select_params(scores, valid, geo, sel_idx.size(3), window, sinks, soft);
-    const int64_t rows = scores.size(0) * scores.size(1);
-    at::Tensor du = at::zeros({rows, scores.size(2)}, scores.options().dtype(at::kDouble));
     at::Tensor block_term = at::empty({rows, geo.num_blocks}, scores.options().dtype(at::kDouble));
     sparsek_cuda::scores_grad_blocks(sp, s.idx.data_ptr<int32_t>(), dgate.data_ptr<float>(),
                                      s.count.data_ptr<int32_t>(), s.tau.data_ptr<double>(),
                                      s.nfrac.data_ptr<int32_t>(), du.data_ptr<double>(),
                                      block_term.data_ptr<double>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor prefix = at::cat({at::zeros({rows, 1}, block_term.options()), block_term.cumsum(1)}, 1).contiguous();
+    const at::Tensor prefix = at::empty({rows, geo.num_blocks + 1}, block_term.options());
+    sparsek_cuda::scores_grad_prefix(block_term.data_ptr<double>(), prefix.data_ptr<double>(), static_cast<int>(rows),
+                                     static_cast<int>(geo.num_blocks), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     sparsek_cuda::scores_grad_keys(sp, s.tau.data_ptr<double>(), prefix.data_ptr<double>(), du.data_ptr<double>(),
                                    dscores.data_ptr<float>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {dq, dk_acc.to(k.scalar_type()), dv_acc.to(v.scalar_type()), dscores};
+  sparsek_cuda::cast_pair(kv_acc.data_ptr<float>(), dk.data_ptr(), dv.data_ptr(), k.numel(), dtype_of(q), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dq, dk, dv, dscores};
 }
 
 }  // namespace
