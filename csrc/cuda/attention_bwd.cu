@@ -507,6 +507,17 @@ unsigned streaming_grid(int64_t work_per_thread_units) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(full, need)));
 }
 
+template <typename T>
+void launch_prologue(const void* dout, const void* out, float* delta, int64_t rows, int head_dim, const ZeroSpans& zero,
+                     unsigned grid, cudaStream_t stream) {
+  const T* d = static_cast<const T*>(dout);
+  const T* o = static_cast<const T*>(out);
+  if (head_dim == 64)
+    bwd_prologue_kernel<T, 64><<<grid, 256, 0, stream>>>(d, o, delta, rows, zero);
+  else
+    bwd_prologue_kernel<T, 128><<<grid, 256, 0, stream>>>(d, o, delta, rows, zero);
+}
+
 }  // namespace
 
 void bwd_prologue(const void* dout, const void* out, float* delta, int64_t rows, int head_dim, const ZeroSpans& zero,
@@ -515,22 +526,10 @@ void bwd_prologue(const void* dout, const void* out, float* delta, int64_t rows,
   for (int i = 0; i < ZeroSpans::kMax; ++i) units = std::max<int64_t>(units, zero.bytes[i] / 16);
   if (units == 0) return;
   const unsigned grid = streaming_grid(units);
-  const bool bf16 = dtype == DType::kBFloat16;
-  if (head_dim == 64) {
-    if (bf16)
-      bwd_prologue_kernel<__nv_bfloat16, 64><<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(dout),
-                                                                      static_cast<const __nv_bfloat16*>(out), delta, rows, zero);
-    else
-      bwd_prologue_kernel<__half, 64><<<grid, 256, 0, stream>>>(static_cast<const __half*>(dout),
-                                                               static_cast<const __half*>(out), delta, rows, zero);
-  } else {
-    if (bf16)
-      bwd_prologue_kernel<__nv_bfloat16, 128><<<grid, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(dout),
-                                                                       static_cast<const __nv_bfloat16*>(out), delta, rows, zero);
-    else
-      bwd_prologue_kernel<__half, 128><<<grid, 256, 0, stream>>>(static_cast<const __half*>(dout),
-                                                                static_cast<const __half*>(out), delta, rows, zero);
-  }
+  if (dtype == DType::kBFloat16)
+    launch_prologue<__nv_bfloat16>(dout, out, delta, rows, head_dim, zero, grid, stream);
+  else
+    launch_prologue<__half>(dout, out, delta, rows, head_dim, zero, grid, stream);
 }
 
 void cast_pair(const float* acc, void* out0, void* out1, int64_t n, DType dtype, cudaStream_t stream) {
