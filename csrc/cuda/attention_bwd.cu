@@ -414,12 +414,7 @@ __global__ void block_prefix_kernel(const double* block_term, double* prefix, in
   double carry = 0.0;
   for (int base = 0; base < num_blocks; base += 32) {
     const int t = base + lane;
-    double x = t < num_blocks ? in[t] : 0.0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const double y = __shfl_up_sync(0xffffffffu, x, o);
-      if (lane >= o) x += y;
-    }
+    const double x = warp_inclusive_scan(t < num_blocks ? in[t] : 0.0);
     if (t < num_blocks) outp[t + 1] = carry + x;
     carry += __shfl_sync(0xffffffffu, x, 31);
   }

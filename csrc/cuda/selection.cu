@@ -526,19 +526,8 @@ __global__ void scan_tables_kernel(int64_t lines, int len, int32_t* cnt, double*
   double carry_u = 0.0;
   for (int base = 0; base < len; base += 32) {
     const int i = base + lane;
-    int vc = i < len ? c[i] : 0;
-    double vu = i < len ? u[i] : 0.0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int tc = __shfl_up_sync(0xffffffffu, vc, o);
-      const double tu = __shfl_up_sync(0xffffffffu, vu, o);
-      if (lane >= o) {
-        vc += tc;
-        vu += tu;
-      }
-    }
-    vc += carry_c;
-    vu += carry_u;
+    const int vc = warp_inclusive_scan(i < len ? c[i] : 0) + carry_c;
+    const double vu = warp_inclusive_scan(i < len ? u[i] : 0.0) + carry_u;
     if (i < len) {
       c[i] = vc;
       u[i] = vu;
