@@ -56,6 +56,7 @@ SELECT_CASES = [
     (1, 2, 400, 400, 1000, 16, 1, 16, True, "randn", False),
     (1, 2, 600, 600, 50, 0, 0, 8, False, "ties", False),
     (1, 2, 20000, 20000, 2048, 512, 4, 64, True, "randn", False),
+    (1, 2, 20000, 20000, 2048, 512, 4, 64, True, "ties", False),  # ties through every radix pass
     (1, 1, 30000, 30000, 700, 100, 4, 64, True, "slope", True),
 ]
 

@@ -324,7 +324,7 @@ void launch_bwd_rows(const AttnParams& p, const BwdParams& g, cudaStream_t strea
   constexpr size_t smem = bwd_smem_bytes<D, RB>();
   static_assert(smem <= 232448, "more shared memory than a CTA may have on sm_90");
   const dim3 grid = CtaWork::grid(p, 1);
-  cudaFuncSetAttribute(bwd_kernel<T, D, RB>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  allow_dynamic_smem<bwd_kernel<T, D, RB>>(smem);
   bwd_kernel<T, D, RB><<<grid, kThreads, smem, stream>>>(p, g);
 }
 

@@ -287,7 +287,7 @@ template <typename T, int D, int RB>
 void launch_fwd_rows(const AttnParams& p, const FwdOut& o, cudaStream_t stream) {
   constexpr size_t smem = fwd_smem_bytes<D, RB>();
   const dim3 grid = CtaWork::grid(p, o.num_splits);
-  cudaFuncSetAttribute(fwd_kernel<T, D, RB>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  allow_dynamic_smem<fwd_kernel<T, D, RB>>(smem);
   fwd_kernel<T, D, RB><<<grid, kThreads, smem, stream>>>(p, o);
 }
 

@@ -5,6 +5,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
 #include <cstdint>
 
 namespace sparsek_cuda {
@@ -47,6 +50,22 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 constexpr int kSmemAlignSlack = 1024;
 __device__ __forceinline__ uint32_t smem_align_offset(const void* raw) {
   return (1024 - (smem_addr(raw) & 1023)) & 1023;
+}
+
+// Lets Kernel take `bytes` of dynamic shared memory. The attribute holds for the process, and a
+// cudaFuncSetAttribute per launch is a driver call on the host path before the forward kernel
+// (the host issues the selection's kernels slower than the GPU runs them), so it is set once per
+// kernel and device (the first 64 devices; any later one sets it every launch).
+template <auto Kernel>
+inline cudaError_t allow_dynamic_smem(size_t bytes) {
+  static std::atomic<uint64_t> done{0};  // bit d: set on device d
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) device = 64;
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_release);
+  return err;
 }
 
 // The thread's warpgroup (threads / 128), broadcast from lane 0 so that the compiler knows it is

@@ -69,6 +69,16 @@ SelectParams select_params(const at::Tensor& scores, const c10::optional<at::Ten
   return p;
 }
 
+// Byte offsets of the arrays in one scratch allocation, each on 256 bytes.
+struct ScratchLayout {
+  size_t bytes = 0;
+  size_t take(int64_t n) {
+    const size_t at = bytes;
+    bytes += (static_cast<size_t>(n) + 255) / 256 * 256;
+    return at;
+  }
+};
+
 at::Tensor contiguous_valid(const c10::optional<at::Tensor>& key_valid) {
   return key_valid.has_value() ? key_valid->contiguous() : at::Tensor();
 }
@@ -108,44 +118,50 @@ Selection select_cuda(const at::Tensor& scores_in, const c10::optional<at::Tenso
   // otherwise only reached by shapes whose keys do not pack or whose rank tiles are too large.
   const bool row_sorts = std::getenv("SPARSEK_CUDA_ROW_SORTS") != nullptr;
   p.packed_position_bits = row_sorts ? 0 : sparsek_cuda::packed_position_bits(p.rows, p.num_keys);
-  at::Tensor keys = at::empty({rows, num_keys}, opts.dtype(at::kLong));
-  at::Tensor num_eligible = at::empty({rows}, opts.dtype(at::kInt));  // zeroed by select_prepare
+  const bool packed = p.packed_position_bits > 0;
+  const size_t sort_temp_bytes = packed ? sparsek_cuda::select_sort_temp_bytes(p) : 0;
+
+  // The scratch in one allocation (a dozen at::empty calls were host time before the forward
+  // kernel, which waits for them: the host issues the selection slower than the GPU runs it).
+  const int64_t n = rows * num_keys, cells = rows * blocks * (p.num_tiles + 1);
+  ScratchLayout lay;
+  const size_t o_keys = lay.take(n * 8), o_sorted = lay.take(packed ? n * 8 : 0), o_temp = lay.take(sort_temp_bytes);
+  const size_t o_pos = lay.take(n * 4), o_u = lay.take(n * 4), o_blk = lay.take(n * 4), o_tile = lay.take(n * 8);
+  const size_t o_by_blk = lay.take(n * 4), o_cnt = lay.take(cells * 4), o_sum = lay.take(cells * 8);
+  const size_t o_tau = lay.take(rows * blocks * 8), o_elig = lay.take(rows * 4);
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(lay.bytes)}, opts.dtype(at::kByte));
+  unsigned char* ws = static_cast<unsigned char*>(workspace.data_ptr());
+  auto as = [&](size_t offset) { return static_cast<void*>(ws + offset); };
   SelectScratch s{};
-  s.sort_keys = keys.data_ptr<int64_t>();
-  s.num_eligible = num_eligible.data_ptr<int32_t>();
+  s.sort_keys = static_cast<int64_t*>(as(o_keys));
+  s.num_eligible = static_cast<int32_t*>(as(o_elig));  // zeroed by select_prepare
   sparsek_cuda::select_prepare(p, s, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor sorted;
-  if (p.packed_position_bits > 0) {  // one radix sort over all rows and only the bits in use
-    sorted = at::empty_like(keys);
-    const size_t temp_bytes = sparsek_cuda::select_sort_temp_bytes(p);
-    at::Tensor temp = at::empty({static_cast<int64_t>(std::max<size_t>(temp_bytes, 1))}, opts.dtype(at::kByte));
-    sparsek_cuda::select_sort_packed(p, temp.data_ptr(), temp_bytes, keys.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
+  at::Tensor row_sorted;  // the ATen path's sorted keys
+  if (packed) {  // one radix sort over all rows and only the bits in use
+    sparsek_cuda::select_sort_packed(p, as(o_temp), sort_temp_bytes, s.sort_keys, static_cast<int64_t*>(as(o_sorted)),
                                      stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    s.sort_keys = static_cast<int64_t*>(as(o_sorted));
   } else {
-    sorted = std::get<0>(keys.sort(-1, /*descending=*/true)).contiguous();
+    const at::Tensor keys = at::from_blob(as(o_keys), {rows, num_keys}, opts.dtype(at::kLong));
+    row_sorted = std::get<0>(keys.sort(-1, /*descending=*/true)).contiguous();
+    s.sort_keys = row_sorted.data_ptr<int64_t>();
   }
-  at::Tensor sorted_pos = at::empty({rows, num_keys}, opts.dtype(at::kInt));
-  at::Tensor sorted_u = at::empty({rows, num_keys}, opts.dtype(at::kFloat));
-  at::Tensor sorted_blk = at::empty({rows, num_keys}, opts.dtype(at::kInt));
-  at::Tensor tile_keys = at::empty({rows, num_keys}, opts.dtype(at::kLong));
-  at::Tensor cnt = at::empty({rows, blocks, p.num_tiles + 1}, opts.dtype(at::kInt));
-  at::Tensor sum = at::empty({rows, blocks, p.num_tiles + 1}, opts.dtype(at::kDouble));
-  s.sort_keys = sorted.data_ptr<int64_t>();
-  s.sorted_pos = sorted_pos.data_ptr<int32_t>();
-  s.sorted_u = sorted_u.data_ptr<float>();
-  s.sorted_blk = sorted_blk.data_ptr<int32_t>();
-  s.tile_keys = tile_keys.data_ptr<int64_t>();
-  s.cnt = cnt.data_ptr<int32_t>();
-  s.sum = sum.data_ptr<double>();
+  s.sorted_pos = static_cast<int32_t*>(as(o_pos));
+  s.sorted_u = static_cast<float*>(as(o_u));
+  s.sorted_blk = static_cast<int32_t*>(as(o_blk));
+  s.tile_keys = static_cast<int64_t*>(as(o_tile));
+  s.cnt = static_cast<int32_t*>(as(o_cnt));
+  s.sum = static_cast<double*>(as(o_sum));
   sparsek_cuda::select_decode(p, s, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  at::Tensor by_blk = at::empty({rows, num_keys}, opts.dtype(at::kInt));
-  s.by_blk = by_blk.data_ptr<int32_t>();
+  s.by_blk = static_cast<int32_t*>(as(o_by_blk));
+  at::Tensor tiles_sorted;
   if (row_sorts || !sparsek_cuda::select_by_blk_sorted(p, s, stream)) {  // tiles past 4096 ranks
-    const at::Tensor tiles_sorted = std::get<0>(tile_keys.sort(-1, /*descending=*/false)).contiguous();
+    const at::Tensor tile_keys = at::from_blob(s.tile_keys, {rows, num_keys}, opts.dtype(at::kLong));
+    tiles_sorted = std::get<0>(tile_keys.sort(-1, /*descending=*/false)).contiguous();
     s.tile_keys = tiles_sorted.data_ptr<int64_t>();
     sparsek_cuda::select_by_blk(p, s, stream);
   }
@@ -154,13 +170,12 @@ Selection select_cuda(const at::Tensor& scores_in, const c10::optional<at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sparsek_cuda::select_scan_tables(p, s, stream);  // over tiles: candidates among ranks < X * tile
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor raw_tau = at::empty({rows, blocks}, opts.dtype(at::kDouble));
-  s.raw_tau = raw_tau.data_ptr<double>();
+  s.raw_tau = static_cast<double*>(as(o_tau));
   sparsek_cuda::select_blocks(p, s, sel.idx.data_ptr<int32_t>(), sel.count.data_ptr<int32_t>(),
                               sel.nfrac.data_ptr<int32_t>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  sparsek_cuda::select_running_max(p, raw_tau.data_ptr<double>(), sel.tau.data_ptr<double>(), stream);
+  sparsek_cuda::select_running_max(p, s.raw_tau, sel.tau.data_ptr<double>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (sparsek_cuda::select_sort_gates(p, sel.tau.data_ptr<double>(), sel.idx.data_ptr<int32_t>(),
                                       sel.gate.data_ptr<float>(), sel.count.data_ptr<int32_t>(), stream)) {

@@ -4,7 +4,8 @@
 // Per (batch, kv head) row of N keys, T blocks:
 //   1. the eligible keys (sinks <= j <= last candidate, valid) are sorted once by (score desc,
 //      position desc) through 64-bit keys: rank r. Where (row, score, position) pack into 64 bits,
-//      one CUB radix sort of all rows over the bits in use; otherwise ATen sorts row by row;
+//      one stable CUB radix sort of all rows over the row and score bits (each row laid out in
+//      descending position); otherwise ATen sorts row by row;
 //   2. key j is a candidate from block blk(j) = ceil((j + W) / block_q) on. The rank order is cut
 //      into tiles of R ranks; tables cnt/sum[t][X] hold the number and the score sum of the
 //      candidates of block t among ranks < X*R (a histogram over (blk, tile), then prefix sums
@@ -41,8 +42,9 @@ __device__ __forceinline__ uint32_t score_order(float u) {
 
 // Sort keys, two formats. Plain: (score, position) as an int64 whose descending order per row is
 // the rank order (ATen sorts each row). Packed (p.packed_position_bits = b > 0): row above the
-// complemented score and position, so one ascending radix sort of all rows over the used bits
-// gives every row's rank order in place; an ineligible key has all its low bits set (last).
+// complemented score and position, so one ascending radix sort of all rows gives every row's rank
+// order in place; it sorts the row and score bits only, the position order coming from the
+// layout (prepare_kernel); an ineligible key has all its low bits set (last).
 __device__ __forceinline__ int64_t rank_key(const SelectParams& p, int row, float u, int j, bool ok) {
   const int b = p.packed_position_bits;
   if (b == 0) {
@@ -77,10 +79,13 @@ __global__ void prepare_kernel(const SelectParams p, int64_t* keys, int32_t* num
   const int row = blockIdx.y;
   if (j == 0) num_eligible[row] = 0;  // decode_kernel sets it where the row has an eligible key
   if (j >= p.num_keys) return;
-  const int64_t rj = static_cast<int64_t>(row) * p.num_keys + j;
+  const int64_t base = static_cast<int64_t>(row) * p.num_keys;
   bool ok = j >= p.sinks && j <= p.last_candidate;
   if (ok && p.key_valid != nullptr) ok = p.key_valid[static_cast<int64_t>(row / p.kv_heads) * p.num_keys + j];
-  keys[rj] = rank_key(p, row, p.scores[rj], j, ok);
+  // Packed keys go in descending position: the radix sort then orders the row and score bits only,
+  // and, being stable, leaves tied scores in descending position, as the position bits would.
+  const int at = p.packed_position_bits > 0 ? p.num_keys - 1 - j : j;
+  keys[base + at] = rank_key(p, row, p.scores[base + j], j, ok);
 }
 
 __global__ void decode_kernel(const SelectParams p, const SelectScratch s) {
@@ -635,9 +640,11 @@ size_t select_sort_temp_bytes(const SelectParams& p) {
 
 void select_sort_packed(const SelectParams& p, void* temp, size_t temp_bytes, const int64_t* keys_in,
                         int64_t* keys_out, cudaStream_t stream) {
-  const int end_bit = bits_for(p.rows - 1) + 32 + p.packed_position_bits;
+  // The position bits (the lowest) need no pass: select_prepare laid each row out in descending
+  // position (five 8-bit passes instead of seven at 32k keys).
+  const int begin_bit = p.packed_position_bits, end_bit = bits_for(p.rows - 1) + 32 + p.packed_position_bits;
   cub::DeviceRadixSort::SortKeys(temp, temp_bytes, reinterpret_cast<const uint64_t*>(keys_in),
-                                 reinterpret_cast<uint64_t*>(keys_out), p.rows * p.num_keys, 0, end_bit, stream);
+                                 reinterpret_cast<uint64_t*>(keys_out), p.rows * p.num_keys, begin_bit, end_bit, stream);
 }
 
 void select_prepare(const SelectParams& p, const SelectScratch& s, cudaStream_t stream) {
