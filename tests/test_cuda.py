@@ -168,6 +168,29 @@ def test_full_window_is_causal_attention():
     assert oracle.rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_growing_logits_move_the_running_max(dtype):
+    """Keys whose norm grows with position: each row's max passes the forward's rescale slack
+    (2^8) many times over its key list, so the conditional rescale of the accumulator runs, in
+    tiles with and without the causal mask; out, lse and the gradients that use lse must hold."""
+    q, k, v, u, _ = _inputs(5, 1, 8, 2, 1500, 1500, 128, torch.float32)
+    ramp = 1 + 0.01 * torch.arange(1500).float()
+    k = (k * ramp[:, None]).to(dtype)
+    q, v = q.to(dtype), v.to(dtype)
+    scores = (q.double() @ k.double().repeat_interleave(4, 1).transpose(-1, -2)) / math.sqrt(128)
+    assert scores.amax().item() - scores[..., :64].amax().item() > 16 * math.log(2)  # the test bites
+    opts = dict(budget=200, window=64, sinks=4, block_q=64)
+    out, lse = sparsek_attention(*_cuda(q, k, v, u), return_lse=True, **opts)
+    ref_out, ref_lse = oracle.attention(q, k, v, u, **opts)
+    assert oracle.rel_err(out, ref_out) < 1e-2
+    assert (lse.cpu().double() - ref_lse).abs().max() < 2e-2
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    got = _grads(*_cuda(q, k, v, u), None, dout.cuda(), **opts)
+    ref = _grads(q.float(), k.float(), v.float(), u, None, dout.float(), **opts)
+    for name, g, r in zip(("q", "k", "v", "scores"), got, ref):
+        assert oracle.rel_err(g, r) < 2e-2, name
+
+
 def _grads(q, k, v, u, valid, dout, **opts):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, u)]
     out = sparsek_attention(*leaves, key_valid=valid, **opts)

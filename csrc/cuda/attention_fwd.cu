@@ -26,6 +26,9 @@ namespace {
 constexpr int kThreads = 384;  // a producer warpgroup and two consumer warpgroups
 constexpr int kBC = 64;        // keys per tile
 constexpr int kStages = 3;     // K / V tiles in flight
+// How far (log2 units) a row's scores may pass its running max before the max moves (FA4's
+// conditional rescaling): P <= 2^8 is exact in fp32 sums and loses nothing as a bf16 operand.
+constexpr float kRescaleSlack = 8.f;
 
 // Q [128 * RB][D]; K, V [kStages][kBC][D]; per-stage bias and position; full / empty mbarriers;
 // 1024 bytes to align the base (166448 bytes at D = 128, RB = 2).
@@ -157,29 +160,47 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
       wgmma_wait<RB - 1>();
       wgmma_pin(s[rb]);
       // Online softmax (log2 domain) of rows g and g+8 of this warp's 16.
+      float corr[2];
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        const int limit = lim[rb][hr] - n * kBC;
-        float mx = -INFINITY;
 #pragma unroll
         for (int j = 0; j < kBC / 8; ++j) {
           const float2 bb = *reinterpret_cast<const float2*>(&bias[j * 8 + 2 * c4]);
-          float v0 = fmaf(s[rb][4 * j + 2 * hr], scale2, bb.x);
-          float v1 = fmaf(s[rb][4 * j + 2 * hr + 1], scale2, bb.y);
-          if (need_mask) {
-            if (j * 8 + 2 * c4 > limit) v0 = -INFINITY;
-            if (j * 8 + 2 * c4 + 1 > limit) v1 = -INFINITY;
-          }
-          s[rb][4 * j + 2 * hr] = v0;
-          s[rb][4 * j + 2 * hr + 1] = v1;
-          mx = fmaxf(mx, fmaxf(v0, v1));
+          s[rb][4 * j + 2 * hr] = fmaf(s[rb][4 * j + 2 * hr], scale2, bb.x);
+          s[rb][4 * j + 2 * hr + 1] = fmaf(s[rb][4 * j + 2 * hr + 1], scale2, bb.y);
         }
+      }
+      // The causal mask, in a branch of its own: only the window's last tiles need it, and folded
+      // into the loop above it cost every tile two instructions per score.
+      if (need_mask) {
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int limit = lim[rb][hr] - n * kBC;
+#pragma unroll
+          for (int j = 0; j < kBC / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (j * 8 + 2 * c4 + e > limit) s[rb][4 * j + 2 * hr + e] = -INFINITY;
+        }
+      }
+      bool rescale = false;
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kBC / 8; ++j) mx = fmaxf(mx, fmaxf(s[rb][4 * j + 2 * hr], s[rb][4 * j + 2 * hr + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[rb][hr], mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float corr = exp2f(m[rb][hr] - m_use);
+        // The running max moves only when a score passes it by more than kRescaleSlack (log2
+        // units; P is then at most 2^kRescaleSlack), so most tiles keep it and skip rescaling
+        // the accumulator. Exact: the output and lse use the same max as the sums.
+        const float m_old = m[rb][hr];
+        const bool grow = mx > m_old + kRescaleSlack;  // false while both are -inf
+        const float m_new = grow ? mx : m_old;
+        corr[hr] = grow ? exp2f(m_old - m_new) : 1.f;  // 0 on a row's first unmasked tile
+        rescale |= grow && m_old != -INFINITY;         // the accumulator is still zero before that
         m[rb][hr] = m_new;
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
         float rs = 0.f;
 #pragma unroll
         for (int j = 0; j < kBC / 8; ++j) {
@@ -189,12 +210,16 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, co
           s[rb][4 * j + 2 * hr + 1] = p1;
           rs += p0 + p1;
         }
-        l[rb][hr] = l[rb][hr] * corr + rs;
+        l[rb][hr] = l[rb][hr] * corr[hr] + rs;
+      }
+      if (__any_sync(0xffffffffu, rescale)) {  // warp-uniform: the rows of this warp
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-          acc[rb][4 * j + 2 * hr] *= corr;
-          acc[rb][4 * j + 2 * hr + 1] *= corr;
-        }
+        for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+          for (int j = 0; j < D / 8; ++j) {
+            acc[rb][4 * j + 2 * hr] *= corr[hr];
+            acc[rb][4 * j + 2 * hr + 1] *= corr[hr];
+          }
       }
       // O += P V: P from registers, V read MN-major.
       wgmma_fragments_by_tile<T, D, kBC>(acc[rb], s[rb], vt, kKeyPanel);
