@@ -204,7 +204,8 @@ GRAD_CASES = [
     (1, 16, 2, 700, 700, 100, 32, 2, 64, True, "slope", True),  # 2 row chunks of 256 in the backward
     (2, 4, 4, 600, 600, 80, 16, 0, 16, False, "randn", False),
     (1, 4, 2, 3, 900, 100, 64, 4, 32, True, "randn", False),
-    (1, 4, 1, 3000, 3000, 2500, 64, 4, 64, True, "randn", False),  # 2600-key lists: 41 tiles
+    (1, 4, 1, 3000, 3000, 2500, 64, 4, 64, True, "randn", False),  # 2631-key lists: 41 tiles and 7 keys
+    (1, 8, 2, 700, 700, 129, 4, 2, 8, True, "randn", False),  # 142-key lists: a 14-key last tile with 3 of Sel
 ]
 
 

@@ -6,7 +6,7 @@
 // those adds bound the kernel. For each gathered tile of 64 keys, each warpgroup, per row block:
 //   S = Q K^T, dP = dO V^T                      wgmma m64n64, Q / dO / K / V in shared memory
 //   P = exp2(S*scale*log2e - lse2) * gate,  dS = P_raw (dP - delta) * gate       (registers)
-//   dgate[slot] += sum over rows of P_raw (dP - delta)        (selected keys only)
+//   dgate[key] = sum over rows of P_raw (dP - delta)          (selected keys only, see below)
 //   dQ += dS K                                  wgmma m64nD, dS from registers (one write at the end)
 // then, over all rows of the CTA (P and dS staged in shared memory, one barrier):
 //   warpgroup 0: dV = P^T dO, warpgroup 1: dK = dS^T Q        wgmma m64nD (the tile's 64 keys)
@@ -18,9 +18,12 @@
 // why K / V have one buffer (the next tile's gather goes out once dQ has read this one, and lands
 // under dV / dK and the reductions), the key list comes two tiles ahead through registers rather
 // than from a metadata array, and lse / delta are read straight into registers.
-// Q, dO, K, V, P and dS are panels of rows x 64 elements with wgmma's 128-byte swizzle. d scores
-// from dgate run afterwards (scores_grad_* below), like scores_grad_cpu.
+// Q, dO, K, V, P and dS are panels of rows x 64 elements with wgmma's 128-byte swizzle.
+// d scores as scores_grad_cpu: each fractional key's dgate goes straight to du and, over |F|, to
+// its block's term as fp64 reductions from the tile loop (a separate pass over the selection
+// spent 88 us at N = 32768 on those adds); scores_grad_keys (below) subtracts the terms per key.
 #include <algorithm>
+#include <type_traits>
 
 #include "block_keys.cuh"
 #include "wgmma.cuh"
@@ -40,9 +43,9 @@ template <int D, int RB>
 constexpr size_t bwd_smem_bytes() {
   constexpr int R = 128 * RB;
   // Q, dO [R][D]; K, V [kTK][D] (one buffer each); P, dS; per-stage gate and position; dgate
-  // column sums; 1024 bytes to align the base. At D = 128, RB = 2 that is 231680 of the 232448
-  // bytes a CTA may have.
-  return static_cast<size_t>(2 * R * D + 2 * kTK * D + 2 * ps_elems<D, RB>()) * 2 + 2 * kTK * 8 + kTK * 4 +
+  // column sums (one row per warpgroup); 1024 bytes to align the base. At D = 128, RB = 2 that
+  // is 231936 of the 232448 bytes a CTA may have.
+  return static_cast<size_t>(2 * R * D + 2 * kTK * D + 2 * ps_elems<D, RB>()) * 2 + 2 * kTK * 8 + 2 * kTK * 4 +
          kSmemAlignSlack;
 }
 
@@ -51,21 +54,52 @@ __device__ __forceinline__ void red_add_v4(float* dst, float4 a) {
                : "memory");
 }
 
-// Sums over the warp's 8 row groups (lanes xor 4, 8, 16) of the 16 column values col[j][e] of
-// each lane (column 8j + 2 (lane % 4) + e) by halving exchanges (14 shuffles): lane 4g + c4 ends
-// with the columns 8g + 2 c4 + {0, 1} in v.
-__device__ __forceinline__ void column_sums(const float (&col)[8][2], int g, float (&v)[2]) {
-  float a[8], b[4];
-  const bool h2 = g & 4, h1 = g & 2, h0 = g & 1;
+// Sums over the warp's 8 row groups (lanes xor 4, 8, 16) of the 2J column values col[j][e] of
+// each lane (column 8j + 2 (lane % 4) + e). J = 8 by halving exchanges (14 shuffles): lane
+// 4g + c4 ends with the columns 8g + 2 c4 + {0, 1} in v. Narrower tiles (J < 8) reduce every
+// value on all lanes, and lanes g < J keep those of columns 8g + 2 c4 + {0, 1}.
+template <int J>
+__device__ __forceinline__ void column_sums(const float (&col)[J][2], int g, float (&v)[2]) {
+  if constexpr (J == 8) {
+    float a[8], b[4];
+    const bool h2 = g & 4, h1 = g & 2, h0 = g & 1;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {  // keep values 8 h2 + i
-    const float lo = col[i >> 1][i & 1], hi = col[4 + (i >> 1)][i & 1];
-    a[i] = (h2 ? hi : lo) + __shfl_xor_sync(0xffffffffu, h2 ? lo : hi, 16);
+    for (int i = 0; i < 8; ++i) {  // keep values 8 h2 + i
+      const float lo = col[i >> 1][i & 1], hi = col[4 + (i >> 1)][i & 1];
+      a[i] = (h2 ? hi : lo) + __shfl_xor_sync(0xffffffffu, h2 ? lo : hi, 16);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) b[i] = (h1 ? a[4 + i] : a[i]) + __shfl_xor_sync(0xffffffffu, h1 ? a[i] : a[4 + i], 8);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) v[i] = (h0 ? b[2 + i] : b[i]) + __shfl_xor_sync(0xffffffffu, h0 ? b[i] : b[2 + i], 4);
+  } else {
+    float t[J][2];
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        t[j][e] = col[j][e];
+#pragma unroll
+        for (int o = 16; o >= 4; o >>= 1) t[j][e] += __shfl_xor_sync(0xffffffffu, t[j][e], o);
+      }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      v[e] = t[0][e];
+#pragma unroll
+      for (int j = 1; j < J; ++j) v[e] = g == j ? t[j][e] : v[e];
+    }
   }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) b[i] = (h1 ? a[4 + i] : a[i]) + __shfl_xor_sync(0xffffffffu, h1 ? a[i] : a[4 + i], 8);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) v[i] = (h0 ? b[2 + i] : b[i]) + __shfl_xor_sync(0xffffffffu, h0 ? b[i] : b[2 + i], 4);
+}
+
+// Whether a selected key of score u is fractional in a block of threshold tau (its gate strictly
+// between 0 and 1), where the score gradient flows.
+__device__ __forceinline__ bool is_fractional(double u, double tau) {
+  const double excess = u - tau;
+  return excess > 0.0 && excess < 1.0;
+}
+
+__device__ __forceinline__ void red_add_f64(double* dst, double a) {
+  asm volatile("red.global.add.f64 [%0], %1;\n" ::"l"(dst), "d"(a) : "memory");
 }
 
 template <typename T, int D, int RB>
@@ -81,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
   T* dSs = Ps + ps_elems<D, RB>();
   float* tile_gate = reinterpret_cast<float*>(dSs + ps_elems<D, RB>());  // [2][kTK] gate (0: masked)
   int* tile_pos = reinterpret_cast<int*>(tile_gate + 2 * kTK);           // [2][kTK]
-  float* tile_dg = reinterpret_cast<float*>(tile_pos + 2 * kTK);         // [kTK] dgate sums
+  float* tile_dg = reinterpret_cast<float*>(tile_pos + 2 * kTK);         // [2][kTK] dgate sums per warpgroup
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warpgroup_index(), wq = warp & 3;  // warpgroup, warp within it
@@ -130,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
                                         [](int r, int c) { return sw128<kTK>(r, c); });
   };
 
-  if (tid < kTK) tile_dg[tid] = 0.f;
+  if (tid < 2 * kTK) tile_dg[tid] = 0.f;
   if (tiles > 0) {
     fetch_key(0);
     park_key(0);
@@ -142,8 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 
   const float scale2 = p.scale * kLog2e;
   const int g = lane >> 2, c4 = lane & 3;
-  const bool want_dgate = gp.dgate != nullptr;
-  const int64_t dgate_base = (static_cast<int64_t>(row) * p.num_blocks + t) * p.width - geo.n_sink;
+  const bool want_dgate = gp.du != nullptr;
   // lse and delta of this thread's rows, straight into registers (padding rows: P = 0).
   float lse_r[RB][2], delta_r[RB][2];
 #pragma unroll
@@ -172,6 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dq[rb][i] = 0.f;
 
+  double frac_sum = 0.0;  // threads tid < kTK: their keys' dgate over the fractional ones
   for (int n = 0; n < tiles; ++n) {
     const int st = n & 1;
     cp_async_wait_all();
@@ -182,69 +216,87 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
     const bool need_mask = geo.tile_needs_mask((n + 1) * kTK);
     const bool tile_has_sel = want_dgate && n * kTK < geo.wstart && (n + 1) * kTK > geo.n_sink;
 
+    // A tile of at most 16 keys (the last one of most blocks: the benchmark's 4 + 2048 + 575 keys
+    // leave 3) runs S, dP and dQ at n16 / k16, a quarter of their work. dV / dK stay m64 (the keys
+    // are their rows): the rows past the tile's keys read stale P / dS columns, and their positions
+    // are -1, so they are never added.
+    auto row_blocks = [&](auto width) {
+      constexpr int TK = decltype(width)::value;
+      float dg[2];  // this lane's two dgate column sums of the tile
 #pragma unroll
-    for (int rb = 0; rb < RB; ++rb) {
-      const int row0 = (wg * RB + rb) * 64;  // first row of this row block
-      const int wrow = row0 + wq * 16;       // first row of this warp
-      float s[kTK / 2], dp[kTK / 2];
-      wgmma_fence();
-      wgmma_rows_by_rows<T, kTK, D>(s, q_addr + row0 * 128, kRowPanel, kt, kKeyPanel);
-      wgmma_commit();
-      wgmma_rows_by_rows<T, kTK, D>(dp, do_addr + row0 * 128, kRowPanel, vt, kKeyPanel);
-      wgmma_commit();
-      wgmma_wait<1>();
-      wgmma_pin(s);
+      for (int rb = 0; rb < RB; ++rb) {
+        const int row0 = (wg * RB + rb) * 64;  // first row of this row block
+        const int wrow = row0 + wq * 16;       // first row of this warp
+        float s[TK / 2], dp[TK / 2];
+        wgmma_fence();
+        wgmma_rows_by_rows<T, TK, D>(s, q_addr + row0 * 128, kRowPanel, kt, kKeyPanel);
+        wgmma_commit();
+        wgmma_rows_by_rows<T, TK, D>(dp, do_addr + row0 * 128, kRowPanel, vt, kKeyPanel);
+        wgmma_commit();
+        wgmma_wait<1>();
+        wgmma_pin(s);
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const float lse2 = lse_r[rb][hr];
-        int limit = kNoCausalLimit;  // the row's causal limit in tile columns (few tiles need one)
-        if (need_mask) limit = causal_limit(geo, row_begin, rows_here, fragment_row<RB>(wg, rb, wq, hr, g), n * kTK);
+        for (int hr = 0; hr < 2; ++hr) {
+          const float lse2 = lse_r[rb][hr];
+          int limit = kNoCausalLimit;  // the row's causal limit in tile columns (few tiles need one)
+          if (need_mask) limit = causal_limit(geo, row_begin, rows_here, fragment_row<RB>(wg, rb, wq, hr, g), n * kTK);
 #pragma unroll
-        for (int j = 0; j < kTK / 8; ++j) {
-          const float2 gg = *reinterpret_cast<const float2*>(&gate[j * 8 + 2 * c4]);
+          for (int j = 0; j < TK / 8; ++j) {
+            const float2 gg = *reinterpret_cast<const float2*>(&gate[j * 8 + 2 * c4]);
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int kc = j * 8 + 2 * c4 + e;
-            const bool masked = (e ? gg.y : gg.x) == 0.f || (need_mask && kc > limit);
-            s[4 * j + 2 * hr + e] = masked ? 0.f : exp2f(s[4 * j + 2 * hr + e] * scale2 - lse2);
+            for (int e = 0; e < 2; ++e) {
+              const int kc = j * 8 + 2 * c4 + e;
+              const bool masked = (e ? gg.y : gg.x) == 0.f || (need_mask && kc > limit);
+              s[4 * j + 2 * hr + e] = masked ? 0.f : exp2f(s[4 * j + 2 * hr + e] * scale2 - lse2);
+            }
           }
         }
-      }
-      wgmma_wait<0>();
-      wgmma_pin(dp);
-      float col[kTK / 8][2];
+        wgmma_wait<0>();
+        wgmma_pin(dp);
+        float col[TK / 8][2];
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int lr = wrow + hr * 8 + g;
-        const float delta = delta_r[rb][hr];
+        for (int hr = 0; hr < 2; ++hr) {
+          const int lr = wrow + hr * 8 + g;
+          const float delta = delta_r[rb][hr];
 #pragma unroll
-        for (int j = 0; j < kTK / 8; ++j) {
-          const float2 gg = *reinterpret_cast<const float2*>(&gate[j * 8 + 2 * c4]);
+          for (int j = 0; j < TK / 8; ++j) {
+            const float2 gg = *reinterpret_cast<const float2*>(&gate[j * 8 + 2 * c4]);
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float gt = e ? gg.y : gg.x;
-            const float praw = s[4 * j + 2 * hr + e];
-            const float dsraw = praw * (dp[4 * j + 2 * hr + e] - delta);
-            col[j][e] = hr ? col[j][e] + dsraw : dsraw;
-            s[4 * j + 2 * hr + e] = praw * gt;
-            dp[4 * j + 2 * hr + e] = dsraw * gt;
+            for (int e = 0; e < 2; ++e) {
+              const float gt = e ? gg.y : gg.x;
+              const float praw = s[4 * j + 2 * hr + e];
+              const float dsraw = praw * (dp[4 * j + 2 * hr + e] - delta);
+              col[j][e] = hr ? col[j][e] + dsraw : dsraw;
+              s[4 * j + 2 * hr + e] = praw * gt;
+              dp[4 * j + 2 * hr + e] = dsraw * gt;
+            }
+            *reinterpret_cast<uint32_t*>(&Ps[sw128<R>(lr, j * 8 + 2 * c4)]) = Mma<T>::pack(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]);
+            *reinterpret_cast<uint32_t*>(&dSs[sw128<R>(lr, j * 8 + 2 * c4)]) =
+                Mma<T>::pack(dp[4 * j + 2 * hr], dp[4 * j + 2 * hr + 1]);
           }
-          *reinterpret_cast<uint32_t*>(&Ps[sw128<R>(lr, j * 8 + 2 * c4)]) = Mma<T>::pack(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]);
-          *reinterpret_cast<uint32_t*>(&dSs[sw128<R>(lr, j * 8 + 2 * c4)]) =
-              Mma<T>::pack(dp[4 * j + 2 * hr], dp[4 * j + 2 * hr + 1]);
+        }
+        // dQ += dS K: dS from registers, K read MN-major.
+        wgmma_fragments_by_tile<T, D, TK>(dq[rb], dp, kt, kKeyPanel);
+        wgmma_commit();
+        if (tile_has_sel) {  // this row block's column sums of the warp, summed over the row blocks
+          float v[2];
+          column_sums(col, g, v);
+          dg[0] = rb ? dg[0] + v[0] : v[0];
+          dg[1] = rb ? dg[1] + v[1] : v[1];
         }
       }
-      // dQ += dS K: dS from registers, K read MN-major.
-      wgmma_fragments_by_tile<T, D, kTK>(dq[rb], dp, kt, kKeyPanel);
-      wgmma_commit();
-      if (tile_has_sel) {  // this row block's column sums of the warp, added in shared memory (a
-        // float add there is a compare-and-swap loop on sm_90, hence two per lane, not 16)
-        float v[2];
-        column_sums(col, g, v);
-        atomicAdd(&tile_dg[g * 8 + 2 * c4], v[0]);
-        atomicAdd(&tile_dg[g * 8 + 2 * c4 + 1], v[1]);
+      // The warp's column sums, added in shared memory once per tile into its warpgroup's row: a float
+      // add there is a compare-and-swap loop on sm_90 and retries while other warps hit the same
+      // word, so each word sees four adds, not sixteen (ncu: these loops were 5% of the samples).
+      if (tile_has_sel && g < TK / 8) {  // (lanes past a narrow tile's columns hold none)
+        atomicAdd(&tile_dg[wg * kTK + g * 8 + 2 * c4], dg[0]);
+        atomicAdd(&tile_dg[wg * kTK + g * 8 + 2 * c4 + 1], dg[1]);
       }
-    }
+    };
+    if (geo.L - n * kTK <= 16)
+      row_blocks(std::integral_constant<int, 16>{});
+    else
+      row_blocks(std::integral_constant<int, kTK>{});
     wgmma_wait<0>();  // dQ has read K: the buffer is free once every warp is past the barrier
 #pragma unroll
     for (int rb = 0; rb < RB; ++rb) wgmma_pin(dq[rb]);
@@ -266,18 +318,23 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
         Wgmma<T, D>::template ss<1, 1>(acc, wgmma_desc_add(a, kr * 2048), wgmma_desc_add(b, kr * 2048), kr);
       wgmma_commit();
     }
-    if (n + 2 < tiles) fetch_key(n + 2);
-    if (tile_has_sel && tid < kTK) {
-      const int key = n * kTK + tid;
-      const float v = tile_dg[tid];
-      tile_dg[tid] = 0.f;
-      if (key >= geo.n_sink && key < geo.wstart) atomicAdd(&gp.dgate[dgate_base + key], v);
+    const int* tpos = tile_pos + st * kTK;
+    if (tile_has_sel && tid < kTK) {  // the score gradient's per-block half (scores_grad_keys does the rest)
+      const int key = n * kTK + tid, pos = tpos[tid];
+      const float v = tile_dg[tid] + tile_dg[kTK + tid];  // dgate of key
+      tile_dg[tid] = tile_dg[kTK + tid] = 0.f;
+      const int64_t at = static_cast<int64_t>(row) * p.num_keys + pos;
+      const int block_at = row * p.num_blocks + t;  // (below 2^31, as the grid is)
+      if (key >= geo.n_sink && key < geo.wstart && pos >= 0 && is_fractional(gp.scores[at], gp.tau[block_at])) {
+        red_add_f64(&gp.du[at], v);  // keys are shared by blocks; fp64, as the CPU kernel sums
+        frac_sum += v;
+      }
     }
+    if (n + 2 < tiles) fetch_key(n + 2);
     wgmma_wait<0>();
     wgmma_pin(acc);
     // dK / dV leave the SM as fp32 reductions at L2 (a key is shared by many query blocks).
     // acc[4j + 2hr + e] is key wq*16 + g + 8hr, head dim 8j + 2*c4 + e.
-    const int* tpos = tile_pos + st * kTK;
     float* dst = (wg == 0 ? gp.dv_acc : gp.dk_acc) + (static_cast<int64_t>(geo.b) * p.kv_heads + geo.h) * p.num_keys * D;
     const float mul = wg == 0 ? 1.f : p.scale;
     // Staged through this warpgroup's own buffer (P for dV, dS for dK: the product that read it is
@@ -303,6 +360,11 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
     }
   }
 
+  if (want_dgate && tid < kTK) {  // this CTA's part of the block's term: sum over F of dgate / |F|
+    frac_sum = warp_sum(frac_sum);
+    const int nf = gp.nfrac[row * p.num_blocks + t];
+    if (lane == 0 && frac_sum != 0.0 && nf > 0) red_add_f64(&gp.block_term[row * p.num_blocks + t], frac_sum / nf);
+  }
   T* dqg = static_cast<T*>(gp.dq);
 #pragma unroll
   for (int rb = 0; rb < RB; ++rb)
@@ -337,35 +399,6 @@ void launch_bwd(const AttnParams& p, const BwdParams& g, cudaStream_t stream) {
 }
 
 // ---- d scores -------------------------------------------------------------------------------
-
-__device__ __forceinline__ bool is_fractional(double u, double tau) {
-  const double excess = u - tau;
-  return excess > 0.0 && excess < 1.0;
-}
-
-// One warp per (row, block): du[j] += dgate for fractional members; block_term = their sum / |F|.
-__global__ void scores_grad_blocks_kernel(const SelectParams p, const int32_t* idx, const float* dgate,
-                                          const int32_t* count, const double* tau, const int32_t* nfrac, double* du,
-                                          double* block_term) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int t = blockIdx.x * (blockDim.x >> 5) + warp;
-  const int row = blockIdx.y;
-  if (t >= p.num_blocks) return;
-  const int64_t bt = static_cast<int64_t>(row) * p.num_blocks + t;
-  const float* u = p.scores + static_cast<int64_t>(row) * p.num_keys;
-  const double tb = tau[bt];
-  double sum = 0.0;
-  for (int s = lane; s < count[bt]; s += 32) {
-    const int j = idx[bt * p.width + s];
-    if (is_fractional(u[j], tb)) {
-      const double d = dgate[bt * p.width + s];
-      atomicAdd(&du[static_cast<int64_t>(row) * p.num_keys + j], d);
-      sum += d;
-    }
-  }
-  sum = warp_sum(sum);
-  if (lane == 0) block_term[bt] = nfrac[bt] > 0 ? sum / nfrac[bt] : 0.0;
-}
 
 // One thread per key: du[j] -= sum of block_term over the blocks where j is fractional (one range,
 // tau being non-decreasing), from the prefix sums; then cast.
@@ -545,14 +578,6 @@ void attention_bwd(const AttnParams& p, const BwdParams& g, DType dtype, cudaStr
     if (p.head_dim == 64) launch_bwd<__half, 64>(p, g, stream);
     else launch_bwd<__half, 128>(p, g, stream);
   }
-}
-
-void scores_grad_blocks(const SelectParams& p, const int32_t* idx, const float* dgate, const int32_t* count,
-                        const double* tau, const int32_t* nfrac, double* du, double* block_term,
-                        cudaStream_t stream) {
-  if (p.num_blocks == 0 || p.rows == 0) return;
-  const dim3 grid((p.num_blocks + 7) / 8, p.rows);
-  scores_grad_blocks_kernel<<<grid, 256, 0, stream>>>(p, idx, dgate, count, tau, nfrac, du, block_term);
 }
 
 void scores_grad_prefix(const double* block_term, double* prefix, int rows, int num_blocks, cudaStream_t stream) {

@@ -52,7 +52,7 @@ template <typename T, int N>
 struct Wgmma;
 """)
 for T, t in TYPES.items():
-    for N in (32, 64, 128):
+    for N in (16, 32, 64, 128):
         R = N // 2
         dl = ", ".join(f"%{i}" for i in range(R))
         cons = ", ".join(f'"+f"(d[{i}])' for i in range(R))

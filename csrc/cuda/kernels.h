@@ -111,7 +111,14 @@ struct BwdParams {
   void* dq;          // [B, Hq, Nq, D] contiguous, q's dtype
   float* dk_acc;     // [B, Hkv, Nk, D] fp32, zeroed
   float* dv_acc;
-  float* dgate;      // [B, Hkv, T, width] fp32 zeroed, or null
+  // The score gradient's per-block half, added by the kernel (du null: none): each selected key
+  // that is fractional in its block (0 < u - tau < 1) adds its dgate to du[key] and dgate / |F| to
+  // block_term[block] (scores_grad_keys subtracts those sums afterwards).
+  const float* scores;   // [B, Hkv, Nk]
+  const double* tau;     // [B, Hkv, T]
+  const int32_t* nfrac;  // [B, Hkv, T]: |F|
+  double* du;            // [B, Hkv, Nk] fp64, zeroed
+  double* block_term;    // [B, Hkv, T] fp64, zeroed
 };
 
 void attention_bwd(const AttnParams& p, const BwdParams& g, DType dtype, cudaStream_t stream);
@@ -131,10 +138,8 @@ void bwd_prologue(const void* dout, const void* out, float* delta, int64_t rows,
 // After it: out0 / out1 (q's dtype) = acc[0 .. n) / acc[n .. 2n) (fp32), one launch for dK and dV.
 void cast_pair(const float* acc, void* out0, void* out1, int64_t n, DType dtype, cudaStream_t stream);
 
-// d scores (DESIGN.md "Score gradient"): per block sums, their prefix over blocks, then per key.
-void scores_grad_blocks(const SelectParams& p, const int32_t* idx, const float* dgate, const int32_t* count,
-                        const double* tau, const int32_t* nfrac, double* du, double* block_term,
-                        cudaStream_t stream);
+// d scores (DESIGN.md "Score gradient"): after attention_bwd's per-block sums (BwdParams::du,
+// block_term), their prefix over blocks, then per key.
 // prefix[row] = [0, cumulative sums of block_term[row]] (num_blocks + 1 per row).
 void scores_grad_prefix(const double* block_term, double* prefix, int rows, int num_blocks, cudaStream_t stream);
 void scores_grad_keys(const SelectParams& p, const double* tau, const double* prefix, double* du, float* dscores,

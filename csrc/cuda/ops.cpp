@@ -345,8 +345,9 @@ BwdTuple bwd_cuda_op(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t rows = scores.size(0) * scores.size(1);
   // With the score gradient, scores_grad_keys writes every element of dscores; the backward kernel
-  // adds into dgate and scores_grad_blocks into du, so the prologue zeroes those two.
-  at::Tensor dgate = want_dgate ? at::empty(s.gate.sizes(), s.gate.options()) : at::Tensor();
+  // adds into du and block_term, so the prologue zeroes those two.
+  at::Tensor block_term =
+      want_dgate ? at::empty({rows, geo.num_blocks}, scores.options().dtype(at::kDouble)) : at::Tensor();
   at::Tensor du = want_dgate ? at::empty({rows, scores.size(2)}, scores.options().dtype(at::kDouble)) : at::Tensor();
   at::Tensor dscores = want_dgate ? at::empty(scores.sizes(), scores.options()) : at::zeros(scores.sizes(), scores.options());
   const at::Tensor out_c = out.to(q.scalar_type()).contiguous();
@@ -355,8 +356,8 @@ BwdTuple bwd_cuda_op(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   zero.ptr[0] = kv_acc.data_ptr();
   zero.bytes[0] = kv_acc.numel() * 4;
   if (want_dgate) {
-    zero.ptr[1] = dgate.data_ptr();
-    zero.bytes[1] = dgate.numel() * 4;
+    zero.ptr[1] = block_term.data_ptr();
+    zero.bytes[1] = block_term.numel() * 8;
     zero.ptr[2] = du.data_ptr();
     zero.bytes[2] = du.numel() * 8;
   }
@@ -372,18 +373,18 @@ BwdTuple bwd_cuda_op(const at::Tensor& dout_in, const at::Tensor& q_in, const at
   g.dq = dq.data_ptr();
   g.dk_acc = kv_acc.select(0, 0).data_ptr<float>();
   g.dv_acc = kv_acc.select(0, 1).data_ptr<float>();
-  g.dgate = want_dgate ? dgate.data_ptr<float>() : nullptr;
+  if (want_dgate) {
+    g.scores = scores.data_ptr<float>();
+    g.tau = s.tau.data_ptr<double>();
+    g.nfrac = s.nfrac.data_ptr<int32_t>();
+    g.du = du.data_ptr<double>();
+    g.block_term = block_term.data_ptr<double>();
+  }
   sparsek_cuda::attention_bwd(p, g, dtype_of(q), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (want_dgate) {
     const SelectParams sp = select_params(scores, valid, geo, sel_idx.size(3), window, sinks, soft);
-    at::Tensor block_term = at::empty({rows, geo.num_blocks}, scores.options().dtype(at::kDouble));
-    sparsek_cuda::scores_grad_blocks(sp, s.idx.data_ptr<int32_t>(), dgate.data_ptr<float>(),
-                                     s.count.data_ptr<int32_t>(), s.tau.data_ptr<double>(),
-                                     s.nfrac.data_ptr<int32_t>(), du.data_ptr<double>(),
-                                     block_term.data_ptr<double>(), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor prefix = at::empty({rows, geo.num_blocks + 1}, block_term.options());
     sparsek_cuda::scores_grad_prefix(block_term.data_ptr<double>(), prefix.data_ptr<double>(), static_cast<int>(rows),
                                      static_cast<int>(geo.num_blocks), stream);
