@@ -1,7 +1,7 @@
 """Small launches of every CUDA kernel, for `compute-sanitizer --tool memcheck|racecheck`:
 selection (several rank tiles, padding), forward (bf16/fp16, D 64/128, 2 row chunks, key lists
-that wrap the 3-stage ring, split decode + merge), backward (128- and 256-row CTAs, narrow last tiles, the score
-gradient's per-block sums in the kernel and its prefix / per-key kernels)."""
+that wrap the 3-stage ring, split decode + merge), backward (128- and 256-row CTAs, narrow last
+tiles, the score gradient's per-block sums in the kernel and its prefix / per-key kernels)."""
 
 import torch
 

@@ -33,6 +33,7 @@ namespace {
 
 constexpr int kThreads = 256;  // two warpgroups
 constexpr int kTK = 64;         // keys per tile
+constexpr int kNarrowTK = 16;   // a last tile of at most this many keys runs narrower products
 
 // P and dS buffers (elements): each also stages one warpgroup's fp32 dV / dK tile for the
 // vector reductions.
@@ -293,8 +294,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
         atomicAdd(&tile_dg[wg * kTK + g * 8 + 2 * c4 + 1], dg[1]);
       }
     };
-    if (geo.L - n * kTK <= 16)
-      row_blocks(std::integral_constant<int, 16>{});
+    if (geo.L - n * kTK <= kNarrowTK)
+      row_blocks(std::integral_constant<int, kNarrowTK>{});
     else
       row_blocks(std::integral_constant<int, kTK>{});
     wgmma_wait<0>();  // dQ has read K: the buffer is free once every warp is past the barrier
@@ -324,6 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
       const float v = tile_dg[tid] + tile_dg[kTK + tid];  // dgate of key
       tile_dg[tid] = tile_dg[kTK + tid] = 0.f;
       const int64_t at = static_cast<int64_t>(row) * p.num_keys + pos;
+      // (tau re-read per tile, an L1 hit: held across the loop it would cost two registers)
       const int block_at = row * p.num_blocks + t;  // (below 2^31, as the grid is)
       if (key >= geo.n_sink && key < geo.wstart && pos >= 0 && is_fractional(gp.scores[at], gp.tau[block_at])) {
         red_add_f64(&gp.du[at], v);  // keys are shared by blocks; fp64, as the CPU kernel sums
@@ -362,8 +364,8 @@ __global__ void __launch_bounds__(kThreads, 1) bwd_kernel(const AttnParams p, co
 
   if (want_dgate && tid < kTK) {  // this CTA's part of the block's term: sum over F of dgate / |F|
     frac_sum = warp_sum(frac_sum);
-    const int nf = gp.nfrac[row * p.num_blocks + t];
-    if (lane == 0 && frac_sum != 0.0 && nf > 0) red_add_f64(&gp.block_term[row * p.num_blocks + t], frac_sum / nf);
+    const int block_at = row * p.num_blocks + t, nf = gp.nfrac[block_at];
+    if (lane == 0 && frac_sum != 0.0 && nf > 0) red_add_f64(&gp.block_term[block_at], frac_sum / nf);
   }
   T* dqg = static_cast<T*>(gp.dq);
 #pragma unroll
